@@ -1,0 +1,149 @@
+"""The `zerolm` command: one entry point, one subcommand per stage.
+
+Each subcommand builds its stage's config (YAML file < CLI flags < --set overrides),
+then calls the stage's plain Python function. User errors (bad config, bad paths,
+bad input) print one line and exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zerolm.errors import UserError
+
+
+def _add_common(p: argparse.ArgumentParser, *, ray: bool = True) -> None:
+    p.add_argument("--config", help="YAML config file for this stage")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set filters.length.min_chars=50 (repeatable)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing finished output made with another config")
+    if ray:
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else local Ray)")
+
+
+def _parse_inputs(items: list[str]) -> list[dict]:
+    """`--input PATH` or `--input SOURCE=PATH` (a URI's `://` is not mistaken for =)."""
+    inputs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if sep and "/" not in name and "://" not in name and name:
+            inputs.append({"path": path, "source": name})
+        else:
+            inputs.append({"path": item})
+    return inputs
+
+
+def cmd_data_run(args) -> int:
+    from dataproc.config import DataRunConfig
+    from dataproc.pipeline import run_data
+    from zerolm.config import build_config
+
+    flags = {"output": args.output, "ray": {"address": args.address} if args.address else None}
+    if args.input:
+        flags["read"] = {"inputs": _parse_inputs(args.input)}
+    cfg = build_config(DataRunConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    stats = run_data(cfg, overwrite=args.overwrite)
+    print(f"\nclean corpus: {cfg.output}/data  rejects: {cfg.output}/rejects  stats: {cfg.output}/stats.json")
+    return 0 if stats["rows_out"] > 0 else 1
+
+
+def cmd_tokenizer_train(args) -> int:
+    from dataproc.tokenizer import TokenizerConfig, train_tokenizer
+    from dataproc.tokenizer_report import format_report_table
+    from zerolm.config import build_config
+
+    flags = {"input": args.input, "output": args.output, "vocab_size": args.vocab_size}
+    cfg = build_config(TokenizerConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    report = train_tokenizer(cfg, overwrite=args.overwrite, show_progress=True)
+    print(format_report_table(report))
+    print(f"\ntokenizer: {cfg.output}  (transformers.AutoTokenizer.from_pretrained loads it)")
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from dataproc.pack import PackConfig, run_pack
+    from zerolm.config import build_config
+
+    flags = {"input": args.input, "tokenizer": args.tokenizer, "output": args.output, "address": args.address}
+    cfg = build_config(PackConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    run_pack(cfg, overwrite=args.overwrite)
+    print(f"\ntokens: {cfg.output}  manifest: {cfg.output}/manifest.json")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from zerolm.demo import run_demo
+
+    run_demo(args.workdir, overwrite=args.overwrite, address=args.address)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from zerolm.submit import submit_job
+
+    return submit_job(args.address, args.command, working_dir=args.working_dir, wait=not args.no_wait)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zerolm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="data processing jobs (Ray Data)")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="JOB")
+    run = data_sub.add_parser("run", help="clean: read, normalize, filter, dedup, write parquet")
+    run.add_argument("--input", action="append", metavar="[SOURCE=]PATH_OR_GLOB", nargs="+",
+                     help="input files: paths, globs (** recurses) or URIs; repeatable")
+    run.add_argument("--output", help="output folder (clean corpus)")
+    _add_common(run)
+    run.set_defaults(func=cmd_data_run)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer jobs")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="JOB")
+    train_tok = tok_sub.add_parser("train", help="train a byte-level BPE tokenizer on a clean corpus")
+    train_tok.add_argument("--input", help="clean corpus folder (output of `zerolm data run`)")
+    train_tok.add_argument("--output", help="tokenizer folder to write")
+    train_tok.add_argument("--vocab-size", type=int, help="vocabulary size incl. special tokens (default 32000)")
+    _add_common(train_tok, ray=False)
+    train_tok.set_defaults(func=cmd_tokenizer_train)
+
+    pack = sub.add_parser("pack", help="tokenize a clean corpus into train/val token shards")
+    pack.add_argument("--input", help="clean corpus folder")
+    pack.add_argument("--tokenizer", help="tokenizer folder")
+    pack.add_argument("--output", help="token folder to write")
+    _add_common(pack)
+    pack.set_defaults(func=cmd_pack)
+
+    demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
+    demo.add_argument("--workdir", default="zerolm-demo", help="where the demo writes (default ./zerolm-demo)")
+    demo.add_argument("--overwrite", action="store_true", help="recompute every stage")
+    demo.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    demo.set_defaults(func=cmd_demo)
+
+    submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job")
+    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    submit.add_argument("--working-dir", default=None, help="folder uploaded with the job (configs, code)")
+    submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("command", nargs=argparse.REMAINDER, help="the zerolm command line, after --")
+    submit.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "input", None) and isinstance(args.input[0], list):
+        args.input = [item for group in args.input for item in group]
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"zerolm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("zerolm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
