@@ -1,0 +1,131 @@
+"""`zerolm data run`: wires the dataproc steps into one Ray Data job.
+
+    plan (driver: paths and byte ranges only)
+      -> read tasks (one Ray task each; bad records become reject rows)
+      -> normalize -> filters -> exact-dedup hash key      (fused, whole batches)
+      -> hash shuffle on the key -> keep the smallest id per key
+      -> [materialize; first pass: mean/σ per source -> outlier filter]
+      -> CorpusSink: data/*.parquet, rejects/*.parquet, counts -> stats.json
+      -> _SUCCESS (config hash + input fingerprint)
+
+The driver never holds the corpus: it holds the plan, per-task counts and the
+outlier moments (a few numbers per source).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from dataproc.base import Step
+from dataproc.config import DataRunConfig
+from dataproc.dedup_exact import HASH, AddHashKey, KeepMinId
+from dataproc.filters import build_filters
+from dataproc.filters.outlier import OutlierFilter, partial_moments, thresholds_from_moments
+from dataproc.normalize import Normalizer
+from dataproc.readers import read_task
+from dataproc.sources import plan_read_tasks
+from dataproc.stats import build_stats, format_summary
+from dataproc.writer import make_sink
+from zerolm.config import config_hash
+from zerolm.errors import UserError
+from zerolm.ray_env import cluster_cpus, ensure_ray
+from zerolm.stage import StageDir, write_json_atomic
+
+STAGE = "data"
+
+
+class ReadTasks:
+    """map_batches callable: a batch of planned tasks -> their rows."""
+
+    def __init__(self, max_record_bytes: int, raw_cap: int):
+        self.max_record_bytes, self.raw_cap = max_record_bytes, raw_cap
+
+    def __call__(self, tasks: pa.Table) -> pa.Table:
+        return pa.concat_tables([read_task(t, self.max_record_bytes, self.raw_cap) for t in tasks.to_pylist()])
+
+
+class StepChain(Step):
+    """Several steps in one map_batches call (one pandas conversion, not one per step)."""
+
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        for step in self.steps:
+            batch = step(batch)
+        return batch
+
+
+def step_order(cfg: DataRunConfig) -> list[str]:
+    names = ["read"]
+    if cfg.normalize.enabled:
+        names.append("normalize")
+    names += [f.name for f in build_filters(cfg.filters)]
+    if cfg.exact_dedup.enabled:
+        names.append("exact_dedup")
+    if cfg.outlier.enabled:
+        names.append("outlier")
+    return names
+
+
+def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict:
+    if not cfg.output:
+        raise UserError("no output folder: give --output DIR")
+    tasks = plan_read_tasks(cfg.read.inputs, cfg.read.chunk_bytes)
+    fingerprint = hashlib.sha256(
+        json.dumps(sorted((t.fs_uri + t.path, t.size, t.mtime) for t in tasks)).encode()
+    ).hexdigest()
+    chash = config_hash({"config": cfg.model_dump(mode="json", exclude={"ray", "output"}), "inputs": fingerprint})
+    out = StageDir(Path(cfg.output), STAGE, chash)
+    if not out.begin(overwrite=overwrite):
+        echo(f"{cfg.output} is already done with this config and these inputs (nothing to do)")
+        return json.loads((out.path / "stats.json").read_text(encoding="utf-8"))
+
+    ensure_ray(cfg.ray.address, cfg.ray.num_cpus)
+    import ray
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    started = time.time()
+    rows = [t.to_row() for t in tasks]
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(ReadTasks(cfg.read.max_record_bytes, cfg.read.reject_raw_bytes),
+                        batch_size=1, batch_format="pyarrow")
+    steps: list[Step] = [Normalizer(cfg.normalize)] if cfg.normalize.enabled else []
+    steps += build_filters(cfg.filters)
+    if cfg.exact_dedup.enabled:
+        steps.append(AddHashKey())
+    if steps:
+        ds = ds.map_batches(StepChain(steps), batch_size=cfg.ray.batch_size, batch_format="pandas")
+    if cfg.exact_dedup.enabled:
+        parts = cfg.exact_dedup.num_partitions or 2 * cluster_cpus()
+        # All copies of a text hash to the same partition, and a partition is one
+        # block (Ray does not split blocks of a keyed shuffle), so KeepMinId sees them all.
+        ds = ds.repartition(parts, keys=[HASH]).map_batches(KeepMinId(), batch_size=None, batch_format="pandas")
+    if cfg.outlier.enabled:
+        ds = ds.materialize()  # the first pass and the filter read it; compute it once
+        o = cfg.outlier
+        moments = ds.map_batches(lambda b: partial_moments(b, o.stats, o.per_source),
+                                 batch_size=None, batch_format="pandas")
+        totals = moments.groupby(["group", "stat"]).sum(["n", "s1", "s2"]).to_pandas()
+        totals = totals.rename(columns={"sum(n)": "n", "sum(s1)": "s1", "sum(s2)": "s2"})
+        thresholds = thresholds_from_moments(totals, o.k, o.min_docs) if len(totals) else {}
+        ds = ds.map_batches(OutlierFilter(o.stats, thresholds, o.per_source),
+                            batch_size=cfg.ray.batch_size, batch_format="pandas")
+    sink = make_sink(str(out.path), cfg.rows_per_file)
+    ds.write_datasink(sink)
+
+    stats = build_stats(sink.parts, step_order(cfg))
+    stats.update(elapsed_s=round(time.time() - started, 2), read_tasks=len(tasks), config_hash=chash,
+                 inputs=[spec.path for spec in cfg.read.inputs])
+    write_json_atomic(out.path / "stats.json", stats)
+    (out.path / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
+    out.finish(rows_out=stats["rows_out"])
+    echo(format_summary(stats))
+    return stats
