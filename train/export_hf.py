@@ -1,0 +1,232 @@
+"""Export a zerolm Transformer to a HF `LlamaForCausalLM` folder.
+
+The output loads with `AutoModelForCausalLM.from_pretrained(dir)` and
+`AutoTokenizer.from_pretrained(dir)` (no trust_remote_code). Our model already uses
+HF's RoPE layout and GQA head order, so conversion is renaming only. The folder is
+written to a temporary sibling and renamed into place, so a crash never leaves a
+half export that looks complete.
+
+`train` may run on nodes without `transformers`; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from train.model_config import ModelConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "added_tokens.json",
+)
+# Prefixes wrappers add to parameter names: DeepSpeed / DDP, torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+_LAYER_MAP = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_MAP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        out[name] = tensor
+    return out
+
+
+def _hf_name(name: str) -> str:
+    module, _, kind = name.rpartition(".")  # kind: weight | bias
+    if module.startswith("layers."):
+        _, idx, rest = module.split(".", 2)
+        if rest in _LAYER_MAP:
+            return f"model.layers.{idx}.{_LAYER_MAP[rest]}.{kind}"
+    elif module in _TOP_MAP:
+        return f"{_TOP_MAP[module]}.{kind}"
+    raise ValueError(f"unexpected tensor in state dict: {name}")
+
+
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
+                     dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Rename our tensors to HF Llama names, cast, make contiguous, and check that
+    exactly the expected set is there (lm_head is dropped when embeddings are tied)."""
+    sd = strip_wrapper_prefixes(state_dict)
+    if cfg.tie_embeddings:
+        sd.pop("output.weight", None)  # same storage as the embedding; safetensors refuses aliases
+    out = {_hf_name(k): v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in sd.items()}
+    expected = set(expected_hf_names(cfg))
+    missing, unexpected = expected - out.keys(), out.keys() - expected
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    return out
+
+
+def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `to_hf_state_dict` (load with `strict=False` when tied: no lm_head)."""
+    inv_layer = {v: k for k, v in _LAYER_MAP.items()}
+    inv_top = {v: k for k, v in _TOP_MAP.items()}
+    out = {}
+    for name, tensor in hf_state_dict.items():
+        module, _, kind = name.rpartition(".")
+        if module.startswith("model.layers."):
+            _, _, idx, rest = module.split(".", 3)
+            out[f"layers.{idx}.{inv_layer[rest]}.{kind}"] = tensor
+        else:
+            out[f"{inv_top[module]}.{kind}"] = tensor
+    return out
+
+
+def expected_hf_names(cfg: ModelConfig) -> list[str]:
+    kinds = ("weight", "bias") if cfg.bias else ("weight",)
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_embeddings:
+        names.append("lm_head.weight")
+    for i in range(cfg.n_layers):
+        for ours, hf in _LAYER_MAP.items():
+            is_norm = ours.endswith("norm")
+            for kind in ("weight",) if is_norm else kinds:
+                names.append(f"model.layers.{i}.{hf}.{kind}")
+    return names
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, *, bos_token_id: int | None = None,
+              eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
+    """config.json for LlamaForCausalLM. transformers 5 reads RoPE from `rope_parameters`,
+    4.x from top-level `rope_theta`; both are written (each ignores the other's key)."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": 0.02,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": cfg.bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": cfg.bias,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        # transformers >= 4.56 reads `dtype`; 5.x warns on the older `torch_dtype` key.
+        "dtype": dtype_name,
+    }
+
+
+def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int | None]:
+    """bos/eos/pad ids named by tokenizer_config.json, looked up in tokenizer.json."""
+    tokenizer_dir = Path(tokenizer_dir)
+    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    try:
+        tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ids
+    vocab = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab.update((tok.get("model") or {}).get("vocab") or {})
+    for kind in ("bos", "eos", "pad"):
+        token = tok_cfg.get(f"{kind}_token")
+        if isinstance(token, dict):  # older AddedToken serialisation
+            token = token.get("content")
+        if isinstance(token, str) and token in vocab:
+            ids[f"{kind}_token_id"] = vocab[token]
+    return ids
+
+
+def export_hf(
+    model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
+    """Write config.json, generation_config.json, model.safetensors, model_config.json
+    and (from tokenizer_dir) the tokenizer files into out_dir, replacing it atomically.
+    Token ids not given are taken from the tokenizer's files when it is given."""
+    out_dir = Path(out_dir)
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    tensors = to_hf_state_dict(sd, cfg, dtype)
+
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not (tokenizer_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {tokenizer_dir}")
+        for key, value in special_token_ids(tokenizer_dir).items():
+            if ids[key] is None:
+                ids[key] = value
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", hf_config(cfg, dtype, **ids))
+        gen = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+        _write_json(tmp / "generation_config.json", gen)
+        cfg.save(tmp)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """rename(2) cannot replace a non-empty directory: move the old one aside first."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
