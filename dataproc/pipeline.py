@@ -118,7 +118,7 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
         thresholds = thresholds_from_moments(totals, o.k, o.min_docs) if len(totals) else {}
         ds = ds.map_batches(OutlierFilter(o.stats, thresholds, o.per_source),
                             batch_size=cfg.ray.batch_size, batch_format="pandas")
-    sink = make_sink(str(out.path), cfg.rows_per_file)
+    sink = make_sink(str(out.path.resolve()), cfg.rows_per_file)
     ds.write_datasink(sink)
 
     stats = build_stats(sink.parts, step_order(cfg))

@@ -351,3 +351,19 @@ def tokenizer_info(tok_dir: str | Path, *, _allow_unfinished: bool = False) -> T
         stop_ids=(specials[IM_END], specials[ENDOFTEXT]),
         model_max_length=hf.get("model_max_length"), chat_template=hf.get("chat_template"),
     )
+
+
+def token_byte_lengths(tok_dir: str | Path) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for (0 for special tokens), so a loss in
+    nats per token becomes bits per byte: bpb = sum(nats) / (ln 2 * sum(bytes)).
+    Byte-level BPE maps every byte to one character of its alphabet, so a token's byte
+    count is the length of its token string."""
+    tok = load_tokenizer_dir(tok_dir, _allow_unfinished=True)
+    model = json.loads(tok.to_str())
+    if (model.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UserError(f"{tok_dir}: bits per byte needs a byte-level BPE tokenizer")
+    specials = {t["id"] for t in model.get("added_tokens", []) if t.get("special")}
+    out = np.zeros(tok.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    for token, i in tok.get_vocab(with_added_tokens=True).items():
+        out[i] = 0 if i in specials else len(token)
+    return out

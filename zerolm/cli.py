@@ -73,6 +73,27 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from train.config import TrainConfig
+    from train.pretrain_worker import run_pretrain
+    from zerolm.config import build_config
+
+    flags = {"output": args.output, "data": {"tokens": args.data} if args.data else None,
+             "model": {"preset": args.preset} if args.preset else None,
+             "scaling": {"address": args.address} if args.address else None}
+    cfg = build_config(TrainConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    if args.resume:
+        from train.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(cfg.output) is None:
+            raise UserError(f"--resume: {cfg.output} has no checkpoint to resume from")
+    result = run_pretrain(cfg, overwrite=args.overwrite)
+    evals = {k: round(v, 4) for k, v in (result.get("eval") or {}).items() if k.endswith("bpb")}
+    print(f"\nrun: {cfg.output}  checkpoints: {cfg.output}/checkpoints  HF export: {cfg.output}/hf")
+    print(f"metrics: {cfg.output}/metrics.jsonl (TensorBoard: tensorboard --logdir {cfg.output}/tb)  {evals}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from zerolm.demo import run_demo
 
@@ -114,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--output", help="token folder to write")
     _add_common(pack)
     pack.set_defaults(func=cmd_pack)
+
+    train = sub.add_parser("train", help="training jobs (Ray Train + DeepSpeed)")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
+    pre = train_sub.add_parser("pretrain", help="pretrain a model on packed tokens")
+    pre.add_argument("--data", help="token folder (output of `zerolm pack`)")
+    pre.add_argument("--output", help="run folder")
+    pre.add_argument("--preset", help="model preset: tiny, 25m, 125m, 350m")
+    pre.add_argument("--resume", action="store_true",
+                     help="continue from the last checkpoint (rerunning the same command does too)")
+    _add_common(pre)
+    pre.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
     demo.add_argument("--workdir", default="zerolm-demo", help="where the demo writes (default ./zerolm-demo)")

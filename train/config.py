@@ -1,0 +1,111 @@
+"""Config models of the training stages. `TrainConfig` is shared by pretrain and the
+later alignment stages (sft, reward, dpo, ppo), which add their own data sections."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, model_validator
+
+from zerolm.config import StrictModel
+
+
+class ModelSection(StrictModel):
+    preset: str = "tiny"
+    # Any ModelConfig field, applied over the preset (vocab_size comes from the data).
+    overrides: dict = Field(default_factory=dict)
+
+
+class DataSection(StrictModel):
+    tokens: str = ""  # TOKENS_DIR: the output of `zerolm pack`
+    seq_len: int = Field(default=256, ge=8)
+    micro_batch_size: int = Field(default=8, ge=1)  # sequences per worker per micro-step
+    grad_accum: int = Field(default=1, ge=1)
+    seed: int = 0
+    # Mixture stages; None = the manifest's (if any), [] = uniform over all windows.
+    mixture: Optional[list[dict]] = None
+
+
+class OptimSection(StrictModel):
+    lr: float = Field(default=1e-3, gt=0)  # peak learning rate
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # final lr = ratio x peak (seed: 0.1)
+    weight_decay: float = Field(default=0.1, ge=0)  # only on >= 2-D parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = Field(default=1.0, ge=0)  # 0 = off
+
+
+class ScheduleSection(StrictModel):
+    # cosine: linear warmup then cosine to min_lr. wsd: warmup, stable at peak, then a
+    # final decay (MiniCPM's warmup-stable-decay). constant: warmup then flat.
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_frac: float = Field(default=0.05, ge=0, lt=1)  # the seed: 5-10% of training
+    decay_frac: float = Field(default=0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    decay_shape: Literal["cosine", "linear", "sqrt"] = "sqrt"  # wsd decay curve
+
+
+class DeepSpeedSection(StrictModel):
+    zero_stage: int = Field(default=2, ge=0, le=3)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states on CPU
+    offload_params: bool = False  # ZeRO-3 only
+    # fp16 dynamic loss scaling
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    extra: dict = Field(default_factory=dict)  # merged into the DeepSpeed config as is
+
+
+class EvalSection(StrictModel):
+    every: int = Field(default=100, ge=0)  # steps; 0 = only at the end
+    max_windows: int = Field(default=64, ge=1)  # per source of the val split
+
+
+class CheckpointSection(StrictModel):
+    every: int = Field(default=200, ge=0)  # steps; 0 = only at the end
+    keep_last: int = Field(default=2, ge=1)
+
+
+class ScalingSection(StrictModel):
+    launcher: Literal["ray", "local"] = "ray"  # local: this process (or torchrun), no Ray
+    address: Optional[str] = None
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1, gt=0)
+    max_failures: int = Field(default=0, ge=0)  # Ray Train restarts; the loop resumes
+
+
+class TrainConfig(StrictModel):
+    output: str = ""  # RUN_DIR
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    # Length of training: steps, or tokens (converted to steps); one is required.
+    max_steps: Optional[int] = Field(default=None, ge=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    log_every: int = Field(default=10, ge=1)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Peak dense TFLOP/s of one device for MFU; None = known GPUs by name, else no MFU.
+    peak_tflops: Optional[float] = None
+    threads_per_worker: Optional[int] = Field(default=None, ge=1)  # torch CPU threads
+    export_hf: bool = True
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is None and self.max_tokens is None:
+            raise ValueError("set max_steps or max_tokens")
+        return self
+
+    def tokens_per_step(self, world_size: int) -> int:
+        return self.data.seq_len * self.data.micro_batch_size * self.data.grad_accum * world_size
+
+    def total_steps(self, world_size: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, -(-self.max_tokens // self.tokens_per_step(world_size)))

@@ -1,0 +1,58 @@
+"""Starting training workers: Ray Train's TorchTrainer (local Ray or a cluster, CPU or
+GPU workers, restarts on failure), or this very process (scaling.launcher: local;
+under torchrun each process is one rank). Either way every rank runs `worker`, which
+rebuilds the config from a plain dict, so nothing but JSON crosses process borders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from train.config import TrainConfig
+
+# task name -> "module:function" of its worker entry (imported inside the worker)
+WORKERS = {"pretrain": "train.pretrain_worker:worker"}
+
+
+def _resolve(task: str):
+    module, func = WORKERS[task].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module), func)
+
+
+def _ray_entry(config: dict) -> None:
+    """Runs inside each Ray Train worker."""
+    if not config["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _resolve(config["task"])(config)
+
+
+def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
+    payload = {"task": task, "config": cfg.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu,
+               "crash_at": os.environ.get("ZEROLM_CRASH_AT_STEP"), "crash_marker": os.environ.get("ZEROLM_CRASH_MARKER")}
+    if cfg.scaling.launcher == "local":
+        _resolve(task)(payload, echo=echo)
+        return
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from zerolm.ray_env import ensure_ray
+
+    ensure_ray(cfg.scaling.address, worker_logs=True)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1
+    env = {"DS_ACCELERATOR": "cpu"} if not s.use_gpu else {}
+    env.update({k: v for k, v in (("ZEROLM_CRASH_AT_STEP", payload["crash_at"]),
+                                  ("ZEROLM_CRASH_MARKER", payload["crash_marker"])) if v})
+    trainer = TorchTrainer(
+        _ray_entry, train_loop_config=payload,
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"zerolm-{task}", storage_path=str((Path(cfg.output) / "ray").resolve()),
+                             failure_config=FailureConfig(max_failures=s.max_failures),
+                             worker_runtime_env={"env_vars": env} if env else None),
+    )
+    trainer.fit()
