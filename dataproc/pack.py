@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -25,13 +26,14 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from dataproc.mixture import MixtureStage, validate_mixture
-from dataproc.tokenizer import TokenizerInfo, load_tokenizer_dir, tokenizer_info
+from dataproc.tokenizer import TOKENIZER_FILES, TokenizerInfo, load_tokenizer_dir, tokenizer_info
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
 from zerolm.stage import StageDir, require_done, write_json_atomic
 
 STAGE = "pack"
 MANIFEST = "manifest.json"
+TOKENIZER_COPY = "tokenizer"  # TOKENS_DIR/tokenizer/: the tokenizer the shards were made with
 SPLITS = ("train", "val")
 
 
@@ -245,11 +247,17 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     sink = _make_sink(out_dir.resolve(), cfg.write_doc_index)
     ds.write_datasink(sink)
     splits = finalize_shards(out_dir, sink.shards)
+    # A copy of the tokenizer makes TOKENS_DIR self-contained: it can move to another
+    # machine (a GPU node) and still decode, count bytes per token, and export.
+    (out_dir / TOKENIZER_COPY).mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(cfg.tokenizer) / name).is_file():
+            shutil.copy2(Path(cfg.tokenizer) / name, out_dir / TOKENIZER_COPY / name)
     elapsed = time.time() - started
     manifest = {
         "format": "zerolm-tokens-v1", "dtype": dtype, "byte_order": "little",
         "vocab_size": info.vocab_size, "separator_id": info.eos_id, "separator": "<|endoftext|>",
-        "tokenizer": {"path": str(Path(cfg.tokenizer).resolve()), "sha256": info.sha256},
+        "tokenizer": {"path": str(Path(cfg.tokenizer).resolve()), "sha256": info.sha256, "copy": TOKENIZER_COPY},
         "clean": {"path": str(clean_dir.resolve()), "config_hash": clean_info.get("config_hash")},
         "val_fraction": cfg.val_fraction, "min_val_docs": cfg.min_val_docs, "doc_index": cfg.write_doc_index,
         "splits": splits, "mixture": [m.model_dump() for m in cfg.mixture],

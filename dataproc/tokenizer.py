@@ -32,7 +32,10 @@ from zerolm.stage import OWNER, SUCCESS, StageDir, require_done, write_json_atom
 
 STAGE = "tokenizer"
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # in id order, at the end of the vocabulary
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+# The files of a tokenizer folder that travel with it (token folders, HF exports).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "added_tokens.json")  # in id order, at the end of the vocabulary
 N_BYTES = 256  # the byte-level alphabet: every byte has a token, so nothing is unknown
 MIN_VOCAB_SIZE = N_BYTES + len(SPECIAL_TOKENS) + 41  # leave room for some merges
 

@@ -46,8 +46,22 @@ class ScheduleSection(StrictModel):
 
 
 class DeepSpeedSection(StrictModel):
-    zero_stage: int = Field(default=2, ge=0, le=3)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # None = 0 for one worker (nothing to partition; the fastest step), 2 for several.
+    zero_stage: Optional[int] = Field(default=None, ge=0, le=3)
+    # bf16 / fp16: half-precision parameters, fp32 master weights in the optimizer
+    # (DeepSpeed's mixed precision; halves ZeRO's communication). amp_bf16: fp32
+    # parameters with torch.autocast to bf16 (DeepSpeed's torch_autocast): no
+    # master-weight copies, the fastest choice on one GPU. fp32: CPU, tests.
+    # auto = amp_bf16 on GPU, fp32 on CPU (CPUs without bf16 units are slower in bf16).
+    precision: Literal["auto", "bf16", "fp16", "amp_bf16", "fp32"] = "auto"
+
+    def resolved_zero_stage(self, world_size: int) -> int:
+        return self.zero_stage if self.zero_stage is not None else (0 if world_size == 1 else 2)
+
+    def resolved_precision(self, use_gpu: bool) -> str:
+        if self.precision != "auto":
+            return self.precision
+        return "amp_bf16" if use_gpu else "fp32"
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states on CPU
     offload_params: bool = False  # ZeRO-3 only
     # fp16 dynamic loss scaling

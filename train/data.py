@@ -68,6 +68,18 @@ def read_manifest(tokens_dir: str | Path) -> dict:
         raise UserError(f"{tokens_dir} has no readable manifest.json ({exc})")
 
 
+def tokenizer_dir_of(tokens_dir: str | Path, manifest: dict) -> Path:
+    """The tokenizer the tokens were packed with: the copy inside TOKENS_DIR (so the
+    folder can move between machines), else the original path; checked by sha256."""
+    info = manifest["tokenizer"]
+    for candidate in (Path(tokens_dir) / info.get("copy", "tokenizer"), Path(info["path"])):
+        f = candidate / "tokenizer.json"
+        if f.is_file() and hashlib.sha256(f.read_bytes()).hexdigest() == info["sha256"]:
+            return candidate
+    raise UserError(f"the tokenizer the tokens in {tokens_dir} were packed with ({info['path']}) "
+                    "is gone or changed (sha256 mismatch)")
+
+
 class PackedSplit:
     def __init__(self, tokens_dir: str | Path, split: str, sources: list[str] | None = None):
         self.dir = Path(tokens_dir)

@@ -21,12 +21,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dataproc.tokenizer import TOKENIZER_FILES
 from train.model_config import ModelConfig
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "chat_template.jinja", "added_tokens.json",
-)
 # Prefixes wrappers add to parameter names: DeepSpeed / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 

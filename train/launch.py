@@ -40,7 +40,7 @@ def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
 
     from zerolm.ray_env import ensure_ray
 
-    ensure_ray(cfg.scaling.address, worker_logs=True)
+    ensure_ray(cfg.scaling.address)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
     if s.use_gpu:

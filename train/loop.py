@@ -39,16 +39,17 @@ class Task(Protocol):
     def export(self, state_dict: dict, out_dir) -> None: ...
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict:
     ds = cfg.deepspeed
-    zero: dict = {"stage": ds.zero_stage}
+    stage, precision = ds.resolved_zero_stage(world_size), ds.resolved_precision(use_gpu)
+    zero: dict = {"stage": stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
-        if ds.zero_stage != 3:
+        if stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if ds.zero_stage == 3:
+    if stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     conf = {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
@@ -56,9 +57,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "train_batch_size": cfg.data.micro_batch_size * cfg.data.grad_accum * world_size,
         "zero_optimization": zero,
         "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": ds.initial_scale_power,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": ds.initial_scale_power,
                  "loss_scale_window": ds.loss_scale_window},
+        "torch_autocast": {"enabled": precision == "amp_bf16", "dtype": "bfloat16"},
         # We pass torch's AdamW (DeepSpeed's fused/CPU Adam need compiled ops); ZeRO
         # partitions it like its own, so allow it explicitly.
         "zero_allow_untested_optimizer": True,
@@ -82,15 +84,17 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ctx: WorkerContext, t
     import deepspeed
 
     o = cfg.optim
+    if cfg.compile:
+        # In place: parameter names (checkpoints, export) stay as they are, and the
+        # compiled graph is the plain model's, outside DeepSpeed's hooks.
+        model.compile()
     fused = ctx.device.type == "cuda" and not cfg.deepspeed.offload_optimizer
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lambda(total_steps, o, cfg.schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, ctx.world_size), dist_init_required=False)
-    if cfg.compile:
-        engine.compile()
+        config=deepspeed_config(cfg, ctx.world_size, ctx.device.type == "cuda"), dist_init_required=False)
     return engine, optimizer, scheduler
 
 

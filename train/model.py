@@ -23,6 +23,9 @@ from train.model_config import ModelConfig
 IGNORE_INDEX = -100
 
 
+# SDPA's enable_gqa exists from torch 2.5.
+_NATIVE_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -71,14 +74,18 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = {}
         if self.n_kv_heads != self.n_heads:
-            # Materialise the shared kv heads: SDPA's enable_gqa falls back to the slow
-            # math kernel on some backends, and the copy is small next to q.
-            rep = self.n_heads // self.n_kv_heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
-            v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+            if _NATIVE_GQA and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+                gqa = {"enable_gqa": True}  # flash/cuDNN kernels read shared kv heads directly
+            else:
+                # Elsewhere enable_gqa can fall back to the slow math kernel: materialise
+                # the shared kv heads (the copy is small next to q).
+                rep = self.n_heads // self.n_kv_heads
+                k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
+                v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, **gqa
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.wo(y))

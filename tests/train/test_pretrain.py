@@ -149,7 +149,7 @@ def test_tiny_model_learns_below_unigram_entropy(tokens_dir, tmp_path):
 
     manifest = json.loads((tokens_dir / "manifest.json").read_text())
     ref = unigram_bpb(PackedSplit(tokens_dir, "train"), PackedSplit(tokens_dir, "val"),
-                      token_byte_lengths(manifest["tokenizer"]["path"]))
+                      token_byte_lengths(tokens_dir / manifest["tokenizer"]["copy"]))
     cfg = config(tokens_dir, tmp_path / "run", model={"preset": "tiny", "overrides": {"dim": 128, "max_seq_len": 128}},
                  data={"seq_len": 128, "micro_batch_size": 8, "grad_accum": 1},
                  scaling={"launcher": "local", "num_workers": 1}, max_steps=300, log_every=50,
