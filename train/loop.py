@@ -87,6 +87,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ctx: WorkerContext, t
     if cfg.compile:
         # In place: parameter names (checkpoints, export) stay as they are, and the
         # compiled graph is the plain model's, outside DeepSpeed's hooks.
+        model.fused_loss = False  # inductor fuses the plain loss better than our chunks
         model.compile()
     fused = ctx.device.type == "cuda" and not cfg.deepspeed.offload_optimizer
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),

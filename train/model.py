@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from train.losses import IGNORE_INDEX, cross_entropy, linear_cross_entropy  # noqa: F401 (re-exported)
 from train.model_config import ModelConfig
-
-IGNORE_INDEX = -100
 
 
 # SDPA's enable_gqa exists from torch 2.5.
@@ -123,6 +122,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.gradient_checkpointing = False  # set True to recompute each block in backward
+        # Loss fused with the lm_head, chunked (train/losses.py); off under torch.compile,
+        # whose own fusion of the plain path is faster.
+        self.fused_loss = True
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -183,22 +185,15 @@ class Transformer(nn.Module):
     ):
         """input_ids (B, T) -> logits (B, T, V), or (logits, loss) when targets (B, T) are
         given. targets are already shifted (targets[:, t] is the token after t);
-        IGNORE_INDEX (-100) and loss_mask == 0 positions do not count."""
-        logits = self.output(self.forward_hidden(input_ids))  # (B, T, V)
+        IGNORE_INDEX (-100) and loss_mask == 0 positions do not count. With
+        `fused_loss` (training) the logits are never materialised: (None, loss)."""
+        h = self.forward_hidden(input_ids)  # (B, T, C)
+        weight = self.output.weight
+        if targets is not None and self.fused_loss and weight.numel() > 0:
+            # ZeRO-3 partitions weights (numel 0 outside the module's own forward):
+            # then the plain path below gathers it through self.output.
+            return None, linear_cross_entropy(h, weight, targets, loss_mask)
+        logits = self.output(h)  # (B, T, V)
         if targets is None:
             return logits
         return logits, cross_entropy(logits, targets, loss_mask)
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 over kept positions. Sum / max(count, 1) rather
-    than a plain mean, so a batch with no kept token gives 0 (with a graph), not NaN."""
-    if loss_mask is not None:
-        targets = targets.masked_fill(loss_mask == 0, IGNORE_INDEX)
-    flat_targets = targets.reshape(-1)  # (B*T,)
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), flat_targets,
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    count = (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count

@@ -156,10 +156,14 @@ def test_loss_matches_reference_cross_entropy():
     x = torch.randint(0, 97, (3, 16))
     targets = torch.randint(0, 97, (3, 16))
     targets[0, :5] = -100
-    logits, loss = model(x, targets)
-    ref = F.cross_entropy(logits.float().view(-1, 97), targets.view(-1), ignore_index=-100)
-    torch.testing.assert_close(loss, ref)
+    logits = model(x)
     assert logits.shape == (3, 16, 97)
+    ref = F.cross_entropy(logits.float().view(-1, 97), targets.view(-1), ignore_index=-100)
+    for fused in (True, False):  # chunked loss fused with the head, and the plain one
+        model.fused_loss = fused
+        out, loss = model(x, targets)
+        assert (out is None) == fused
+        torch.testing.assert_close(loss, ref)
 
     mask = torch.ones(3, 16, dtype=torch.long)
     mask[1, 8:] = 0
@@ -176,6 +180,9 @@ def test_loss_matches_reference_cross_entropy():
 def test_loss_is_fp32_under_bf16():
     model = Transformer(small_cfg()).to(torch.bfloat16)
     x = torch.randint(0, 97, (2, 8))
+    _, loss = model(x, x)
+    assert loss.dtype == torch.float32
+    model.fused_loss = False
     logits, loss = model(x, x)
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
 
