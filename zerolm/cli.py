@@ -94,6 +94,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from serve.server import serve
+
+    serve(args.model or [], host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          dtype=args.dtype, max_batch=args.max_batch)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from zerolm.demo import run_demo
 
@@ -146,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the last checkpoint (rerunning the same command does too)")
     _add_common(pre)
     pre.set_defaults(func=cmd_train)
+
+    srv = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", action="append", metavar="NAME=DIR",
+                     help="a run folder or HF export to serve under NAME (repeatable)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    srv.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
     demo.add_argument("--workdir", default="zerolm-demo", help="where the demo writes (default ./zerolm-demo)")

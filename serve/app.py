@@ -1,0 +1,190 @@
+"""The HTTP layer: FastAPI routes, OpenAI-shaped errors, API key, body-size limit and
+Prometheus metrics. Everything model-related is in engine.py / openai_api.py."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve import openai_api as oa
+from serve.registry import Registry, ServedModel
+from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, EvaluationRequest,
+                           TokenizeRequest)
+
+OPEN_ROUTES = {"/health", "/metrics"}  # reachable without the API key (probes, scrapers)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("zerolm_requests_total", "HTTP requests", ["route", "status"], registry=self.registry)
+        self.latency = Histogram("zerolm_request_latency_seconds", "request latency", ["route"],
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.prompt_tokens = Counter("zerolm_prompt_tokens_total", "prompt tokens", ["model"], registry=self.registry)
+        self.generated = Counter("zerolm_generation_tokens_total", "generated tokens", ["model"],
+                                 registry=self.registry)
+        self.batch = Histogram("zerolm_batch_size", "requests decoded together", buckets=(1, 2, 4, 8, 16, 32, 64),
+                               registry=self.registry)
+
+
+def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
+    return JSONResponse(oa.APIError(status, message, type=type, param=param, code=code).body(), status_code=status)
+
+
+def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes: int = 8 << 20,
+               metrics: Metrics | None = None) -> FastAPI:
+    app = FastAPI(title="zerolm", version="0.1.0")
+    m = metrics or Metrics()
+    app.state.metrics, app.state.registry = m, registry
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        started, route = time.time(), request.url.path
+        if api_key and route not in OPEN_ROUTES:
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {api_key}":
+                m.requests.labels(route, "401").inc()
+                return _error(401, "Incorrect or missing API key; send 'Authorization: Bearer <key>'",
+                              type="authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > max_body_bytes:
+            m.requests.labels(route, "400").inc()
+            return _error(400, f"request body over {max_body_bytes} bytes", code="body_too_large")
+        response = await call_next(request)
+        m.requests.labels(route, str(response.status_code)).inc()
+        m.latency.labels(route).observe(time.time() - started)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        msg = err.get("msg", "invalid request")
+        return _error(400, f"{'.'.join(loc) + ': ' if loc else ''}{msg}", param=".".join(loc) or None)
+
+    @app.exception_handler(oa.APIError)
+    async def api_error(_request, exc: oa.APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), type="not_found_error" if exc.status_code == 404
+                      else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request, exc: Exception):
+        return _error(500, f"internal error: {type(exc).__name__}", type="internal_error")
+
+    def model_or_404(name: str | None) -> ServedModel:
+        served = registry.get(name)
+        if served is None:
+            raise oa.APIError(404, f"The model '{name}' does not exist; served: {sorted(registry.models)}",
+                              param="model", code="model_not_found")
+        return served
+
+    def count(served: ServedModel, prompt: int, generated: int) -> None:
+        m.prompt_tokens.labels(served.name).inc(prompt)
+        m.generated.labels(served.name).inc(generated)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": sorted(registry.models)}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return PlainTextResponse(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": s.name, "object": "model", "created": s.created, "owned_by": "zerolm",
+             "max_model_len": s.engine.context} for s in registry.models.values()]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        served = model_or_404(req.model)
+        prompts, engine_reqs = oa.completion_requests(req, served)
+        if req.stream:
+            cid = f"cmpl-{uuid.uuid4().hex[:24]}"
+
+            def chunk(i, text, res):
+                choice = {"index": i, "text": text or "", "logprobs": None,
+                          "finish_reason": res.finish_reason if res else None}
+                if res is not None:
+                    count(served, len(res.prompt_ids) if i % req.n == 0 else 0, len(res.output_ids))
+                return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": served.name,
+                        "choices": [choice]}
+
+            return StreamingResponse(oa.stream_events(served, engine_reqs, chunk), media_type="text/event-stream")
+        results = await oa.run_all(served, engine_reqs)
+        body = oa.completion_response(req, served, prompts, results)
+        count(served, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        return body
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        served = model_or_404(req.model)
+        prompt_ids, engine_reqs = oa.chat_requests(req, served)
+        if req.stream:
+            cid, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", set()
+
+            def chunk(i, text, res):
+                delta = {} if res else {"content": text}
+                if i not in started:
+                    started.add(i)
+                    delta = {"role": "assistant", **delta}
+                if res is not None:
+                    count(served, len(prompt_ids) if i == 0 else 0, len(res.output_ids))
+                return {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                        "model": served.name, "choices": [{"index": i, "delta": delta, "logprobs": None,
+                                                           "finish_reason": res.finish_reason if res else None}]}
+
+            return StreamingResponse(oa.stream_events(served, engine_reqs, chunk), media_type="text/event-stream")
+        results = await oa.run_all(served, engine_reqs)
+        body = oa.chat_response(req, served, prompt_ids, results)
+        count(served, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        served = model_or_404(req.model)
+        text = req.prompt if req.prompt is not None else req.text
+        if text is None:
+            raise oa.APIError(400, "give the text as 'prompt'", param="prompt")
+        ids = served.engine.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        served = model_or_404(req.model)
+        vocab = served.loaded.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise oa.APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": served.engine.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(model: str | None = None):
+        served = model_or_404(model)
+        meta = served.loaded.meta
+        return {"model": served.name, "eos_token": meta.eos_token, "bos_token": meta.bos_token,
+                "pad_token": meta.pad_token, "chat_template": meta.chat_template,
+                "model_max_length": served.engine.context,
+                "vocab_size": served.loaded.tokenizer.get_vocab_size(with_added_tokens=True),
+                "special_tokens": meta.specials, "stop_token_ids": list(meta.stop_ids)}
+
+    @app.post("/v1/evaluations")
+    async def evaluations(req: EvaluationRequest):
+        served = model_or_404(req.model)
+        from serve.eval.api import run_evaluation  # evaluation code loads only when used
+
+        import asyncio
+
+        return await asyncio.to_thread(run_evaluation, served, req)
+
+    return app

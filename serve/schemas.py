@@ -1,0 +1,84 @@
+"""Request bodies of the HTTP API (OpenAI's field names). Unknown fields are ignored,
+because real clients send many (presence_penalty, user, ...); known fields are
+validated, and a violation is a 400 in OpenAI's error shape (see serve/app.py)."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class SamplingFields(_Lenient):
+    model: str
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)  # extension (vLLM): 0 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)  # extension (vLLM)
+    n: int = Field(default=1, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 8 or any(len(s) > 200 for s in stops):
+            raise ValueError("at most 8 stop strings of at most 200 characters")
+        return stops
+
+
+Prompt = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    echo: bool = False
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    max_tokens: Optional[int] = Field(default=16, ge=0)  # OpenAI's default for completions
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[dict], None] = ""
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
+            return "".join(part.get("text", "") for part in self.content if isinstance(part, dict))
+        return self.content or ""
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+
+class TokenizeRequest(_Lenient):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    text: Optional[str] = None  # accepted as a synonym of prompt
+
+
+class DetokenizeRequest(_Lenient):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+class EvaluationRequest(_Lenient):
+    model: str
+    task: Literal["bpb", "multiple_choice"]
+    # bpb: raw texts to score; multiple_choice: items {question, choices, answer,
+    # subject?} or a named local set (see serve/eval)
+    texts: Optional[list[str]] = None
+    dataset: Optional[str] = None
+    items: Optional[list[dict]] = None
+    shots: int = Field(default=0, ge=0, le=10)
+    limit: Optional[int] = Field(default=None, ge=1)
