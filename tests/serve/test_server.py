@@ -1,0 +1,154 @@
+"""`zerolm serve` as users meet it: a real server in a subprocess on a free port, the
+unmodified `openai` client, raw HTTP for the extra routes, errors, and load."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    port = free_port()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"tiny={tiny_model_dir}",
+                             "--port", str(port), "--api-key", KEY, "--max-batch", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + proc.stdout.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0)
+
+
+def post(server, path, body, key=KEY):
+    return httpx.post(server + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_openai_client_completion_and_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="人民日报", max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 6
+    again = client.completions.create(model="tiny", prompt="人民日报", max_tokens=6, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    seeded = [client.completions.create(model="tiny", prompt="The", max_tokens=8, temperature=1.0, seed=7)
+              .choices[0].text for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_openai_client_streams_chat(client):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                            max_tokens=8, temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason
+    full = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}],
+                                          max_tokens=8, temperature=0)
+    assert full.choices[0].message.content == text
+
+
+def test_typed_errors(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4000)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=9)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "n": 500})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(server + "/v1/completions", content=b"{not json", headers={
+        "Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x" * (9 << 20)})
+    assert r.status_code == 400 and "body" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": [[1, 2, 999999]]})
+    assert r.status_code == 400
+    # extra fields real clients send are ignored
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1, "presence_penalty": 0,
+                                         "user": "u", "best_of": 1})
+    assert r.status_code == 200
+
+
+def test_echo_logprobs_layout_for_lm_eval(server):
+    ids = post(server, "/tokenize", {"model": "tiny", "prompt": "中共中央总书记江泽民"}).json()["tokens"]
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": 0, "echo": True,
+                                         "logprobs": 1, "temperature": 0}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert r["usage"]["prompt_tokens"] == len(ids) == len(lp["tokens"])  # ids used as given
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    assert all(own <= max(top.values()) for own, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+    assert r["choices"][0]["text"] == "中共中央总书记江泽民"
+    assert post(server, "/detokenize", {"model": "tiny", "tokens": ids}).json() == {"prompt": "中共中央总书记江泽民"}
+    # lm-eval's is_greedy: a greedy token's logprob equals its top-1 entry bit for bit
+    g = post(server, "/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": 4, "echo": True,
+                                         "logprobs": 1, "temperature": 0}).json()["choices"][0]["logprobs"]
+    for own, top in zip(g["token_logprobs"][len(ids):], g["top_logprobs"][len(ids):]):
+        assert own == max(top.values())
+
+
+def test_stop_strings_excluded_and_info_routes(server):
+    r = post(server, "/v1/completions", {"model": "tiny", "prompt": "1", "max_tokens": 30, "temperature": 0}).json()
+    text = r["choices"][0]["text"]
+    if len(text) > 3:
+        stop = text[2:4]
+        s = post(server, "/v1/completions", {"model": "tiny", "prompt": "1", "max_tokens": 30, "temperature": 0,
+                                             "stop": [stop]}).json()["choices"][0]
+        assert s["text"] == text[: text.find(stop)] and s["finish_reason"] == "stop"
+    info = httpx.get(server + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == "<|endoftext|>" and "<|im_start|>" in info["chat_template"]
+    metrics = httpx.get(server + "/metrics").text
+    assert "zerolm_requests_total" in metrics and "zerolm_batch_size_bucket" in metrics
+
+
+def test_64_concurrent_requests_batched_equal_sequential(server):
+    prompts = [f"第{i}条新闻：" if i % 2 else f"Item {i} of the list:" for i in range(64)]
+
+    def ask(p):
+        r = post(server, "/v1/completions", {"model": "tiny", "prompt": p, "max_tokens": 12, "temperature": 0})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(ask, prompts))
+    alone = [ask(p) for p in prompts[:8]]
+    assert together[:8] == alone
+    batches = [line for line in httpx.get(server + "/metrics").text.splitlines()
+               if line.startswith("zerolm_batch_size_count")]
+    sizes = json.loads("[" + batches[0].split()[-1] + "]")
+    assert sizes[0] < 64 + 8 + 20  # far fewer batches than requests: they were decoded together
