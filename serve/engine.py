@@ -1,10 +1,12 @@
 """The inference engine (no HTTP here): batched generation with a KV cache, stop
 strings and stop tokens, logprobs, and log-likelihood scoring.
 
-`Engine.generate` runs a batch of requests together: one prefill over the left-padded
-prompts, then one decode step per token for the rows still running; a finished row
-leaves the batch. `Batcher` puts requests that arrive together (from many HTTP
-handlers) into the same batch, on one worker thread that owns the model.
+Generation is a `Batch` of running sequences advanced one token per `step`.
+Requests join a running batch between steps (`join`: their prompts are prefilled
+together, then their cache slots are right-aligned with the running rows'), and a
+finished sequence leaves the batch at once, so concurrent clients share every
+decode step (continuous batching). `Batcher` drives this on one worker thread that
+owns the model; `Engine.generate` runs a fixed list of requests to completion.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from serve.kv import KVCache, forward_cached
+from serve.kv import KVCache, forward_cached, fuse_projections
 from serve.loading import LoadedModel
 from serve.sampling import SamplingParams, next_token
 
@@ -49,6 +51,29 @@ class Result:
     output_logprobs: list[TokenLogprob] | None = None
 
 
+@dataclass
+class _Seq:
+    """One running sequence: its request, result so far and sampling state."""
+
+    req: Request
+    res: Result
+    done: Callable[[Result], None]
+    next_pos: int  # RoPE position of the next token to feed
+    generator: torch.Generator
+    seen: torch.Tensor | None  # ids so far, only with a repetition penalty
+    streamed: str = ""
+
+
+class Batch:
+    """Running sequences: rows of the cache, their key masks and next-token logits."""
+
+    def __init__(self, seqs: list[_Seq], cache: KVCache, key_valid: torch.Tensor, logits: torch.Tensor):
+        self.seqs, self.cache, self.key_valid, self.logits = seqs, cache, key_valid, logits
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
 def _logprob_entry(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogprob:
     """logprobs (V,) fp32. The token's own value and its alternatives come from the
     same tensor, so a greedy token's logprob equals its top-1 entry bit for bit."""
@@ -62,6 +87,7 @@ class Engine:
         self.m = loaded
         self.max_batch = max_batch
         self.context = loaded.config.max_seq_len
+        fuse_projections(loaded.model)
 
     # ---------------------------------------------------------------- text helpers
     def decode(self, ids: list[int]) -> str:
@@ -73,114 +99,161 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
 
-    # ---------------------------------------------------------------- generation
+    # ---------------------------------------------------------------- batch life cycle
     @torch.no_grad()
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def prefill(self, requests: list[Request], callbacks: list[Callable[[Result], None]]) -> Batch | None:
+        """Run the prompts of new requests; requests that need no generation finish
+        here. Returns the batch of sequences still to decode (or None)."""
         dev = self.m.device
-        B = len(requests)
         lens = [len(r.prompt_ids) for r in requests]
         if min(lens) == 0:
             raise ValueError("empty prompt")
-        L = max(lens)
-        max_new = max(r.params.max_tokens for r in requests)
+        B, L = len(requests), max(lens)
+        room = max(r.params.max_tokens for r in requests)
         ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        key_valid = torch.ones(B, L + max_new, dtype=torch.bool, device=dev)
+        key_valid = torch.ones(B, L + room, dtype=torch.bool, device=dev)
         for i, r in enumerate(requests):
             ids[i, L - lens[i]:] = torch.tensor(r.prompt_ids, device=dev)
             key_valid[i, : L - lens[i]] = False
         pads = torch.tensor([L - n for n in lens], device=dev)
         positions = (torch.arange(L, device=dev)[None] - pads[:, None]).clamp(min=0)  # (B, L)
-        cache = KVCache(self.m.model, B, L + max_new)
+        cache = KVCache(self.m.model, B, L + room)
         need_all = any(r.prompt_logprobs for r in requests)
         logits = forward_cached(self.m.model, cache, ids, positions, key_valid, all_logits=need_all)
-        results = [Result(r.prompt_ids, [], "", "length") for r in requests]
-        if need_all:
-            for i, r in enumerate(requests):
-                if r.prompt_logprobs:
-                    results[i].prompt_logprobs = self._prompt_logprobs(logits[i, L - lens[i]:], r)
-            logits = logits[:, -1]  # (B, V)
-        generators = [torch.Generator().manual_seed(r.params.seed if r.params.seed is not None
-                                                    else random.getrandbits(63)) for r in requests]
-        seen = [torch.tensor(r.prompt_ids, device=dev) for r in requests]
-        streamed = [""] * B
-        active = [i for i, r in enumerate(requests) if r.params.max_tokens > 0]
-        rows = list(active)  # row in the current batch tensors -> request index
+        seqs, rows = [], []
+        for i, (r, cb) in enumerate(zip(requests, callbacks)):
+            res = Result(r.prompt_ids, [], "", "length")
+            if r.prompt_logprobs:
+                res.prompt_logprobs = self._prompt_logprobs(logits[i, L - lens[i]:], r)
+            if r.params.max_tokens == 0:
+                cb(res)
+                continue
+            seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
+            seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
+            seqs.append(_Seq(r, res, cb, lens[i], torch.Generator().manual_seed(seed), seen))
+            rows.append(i)
+        if not seqs:
+            return None
+        logits = logits[:, -1] if need_all else logits  # (B, V)
+        keep = torch.tensor(rows, device=dev)
         if len(rows) < B:
-            keep = torch.tensor(rows, device=dev, dtype=torch.long)
-            logits, key_valid, cache = logits[keep], key_valid[keep], self._keep(cache, keep)
-        step = 0
-        while rows:
-            new_tokens, still = [], []
-            for row, i in enumerate(rows):
-                r, res = requests[i], results[i]
-                row_logits = logits[row]
-                tok = next_token(row_logits, r.params, seen[i], generators[i])
-                if r.params.logprobs is not None:
-                    res.output_logprobs = res.output_logprobs or []
-                    res.output_logprobs.append(_logprob_entry(torch.log_softmax(row_logits, -1), tok,
-                                                              r.params.logprobs))
-                done = self._advance(r, res, tok)
-                seen[i] = torch.cat([seen[i], torch.tensor([tok], device=dev)])
-                if r.on_text is not None:
-                    streamed[i] = self._stream(r, res, streamed[i], final=done)
-                if not done:
-                    new_tokens.append(tok)
-                    still.append(row)
-            if not still:
-                break
-            keep = torch.tensor(still, device=dev, dtype=torch.long)
-            if len(still) < len(rows):
-                key_valid, cache = key_valid[keep], self._keep(cache, keep)
-            rows = [rows[k] for k in still]
-            pos = torch.tensor([[lens[i] + step] for i in rows], device=dev)  # (B', 1)
-            step += 1
-            logits = forward_cached(self.m.model, cache, torch.tensor(new_tokens, device=dev)[:, None], pos,
-                                    key_valid)
+            cache.keep_rows(keep)
+        return Batch(seqs, cache, key_valid[keep], logits[keep])
+
+    @torch.no_grad()
+    def join(self, a: Batch, b: Batch) -> Batch:
+        """One batch from two: cache slots right-aligned (keys already carry their RoPE
+        positions, so moving them is exact), with room for every row's remaining tokens."""
+        S = max(a.cache.length, b.cache.length)
+        room = max(s.req.params.max_tokens - len(s.res.output_ids) for s in a.seqs + b.seqs)
+        cache = KVCache(self.m.model, len(a) + len(b), S + room)
+        key_valid = torch.ones(len(a) + len(b), S + room, dtype=torch.bool, device=self.m.device)
+        row = 0
+        for part in (a, b):
+            n, off = len(part), S - part.cache.length
+            for layer in range(len(cache.k)):
+                cache.k[layer][row:row + n, :, off:S] = part.cache.k[layer][:, :, :part.cache.length]
+                cache.v[layer][row:row + n, :, off:S] = part.cache.v[layer][:, :, :part.cache.length]
+            key_valid[row:row + n, :off] = False
+            key_valid[row:row + n, off:S] = part.key_valid[:, :part.cache.length]
+            row += n
+        cache.length = S
+        return Batch(a.seqs + b.seqs, cache, key_valid, torch.cat([a.logits, b.logits]))
+
+    @torch.no_grad()
+    def step(self, batch: Batch) -> Batch | None:
+        """Choose one token for every running sequence; finished ones leave (their
+        callback gets the result); the rest run one decode step."""
+        dev = self.m.device
+        if dev.type == "cuda":
+            # Wait for the GPU with the GIL released, so HTTP threads can run meanwhile
+            # (.tolist() below would otherwise block holding it).
+            torch.cuda.synchronize(dev)
+        greedy = batch.logits.argmax(-1).tolist()  # one op for every greedy row
+        still, new_tokens = [], []
+        for row, seq in enumerate(batch.seqs):
+            p, res = seq.req.params, seq.res
+            if p.temperature <= 0 and seq.seen is None:
+                tok = greedy[row]
+            else:
+                tok = next_token(batch.logits[row], p, seq.seen, seq.generator)
+            if p.logprobs is not None:
+                res.output_logprobs = res.output_logprobs or []
+                res.output_logprobs.append(_logprob_entry(torch.log_softmax(batch.logits[row], -1), tok, p.logprobs))
+            finished = self._advance(seq, tok)
+            if seq.seen is not None:
+                seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=dev)])
+            if seq.req.on_text is not None:
+                self._stream(seq, final=finished)
+            if finished:
+                if not (p.stop or seq.req.on_text is not None):
+                    res.text = self.decode(res.output_ids)  # decoded once, at the end
+                seq.done(res)
+            else:
+                still.append(row)
+                new_tokens.append(tok)
+        if not still:
+            return None
+        if len(still) < len(batch):
+            keep = torch.tensor(still, device=dev)
+            batch.cache.keep_rows(keep)
+            batch.key_valid = batch.key_valid[keep]
+            batch.seqs = [batch.seqs[k] for k in still]
+        pos = torch.tensor([[s.next_pos] for s in batch.seqs], device=dev)  # (B', 1)
+        for s in batch.seqs:
+            s.next_pos += 1
+        batch.logits = forward_cached(self.m.model, batch.cache, torch.tensor(new_tokens, device=dev)[:, None], pos,
+                                      batch.key_valid)
+        return batch
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run a fixed list of requests to completion (all in one batch)."""
+        results: list = [None] * len(requests)
+        callbacks = [(lambda i: lambda res: results.__setitem__(i, res))(i) for i in range(len(requests))]
+        batch = self.prefill(requests, callbacks)
+        while batch is not None:
+            batch = self.step(batch)
         return results
 
-    @staticmethod
-    def _keep(cache: KVCache, keep: torch.Tensor) -> KVCache:
-        cache.keep_rows(keep)
-        return cache
-
+    # ---------------------------------------------------------------- per token
     def _prompt_logprobs(self, logits: torch.Tensor, r: Request) -> list[TokenLogprob | None]:
         """logits (n, V) at the prompt's real positions; token j is scored by j - 1."""
         lp = torch.log_softmax(logits[:-1], dim=-1)  # (n-1, V)
         top_n = r.params.logprobs or 0
         return [None] + [_logprob_entry(lp[j - 1], tok, top_n) for j, tok in enumerate(r.prompt_ids) if j > 0]
 
-    def _advance(self, r: Request, res: Result, tok: int) -> bool:
-        """Append tok; True when the request is finished."""
-        if tok in r.params.stop_ids:
+    def _advance(self, seq: _Seq, tok: int) -> bool:
+        """Append tok; True when the sequence is finished."""
+        p, res = seq.req.params, seq.res
+        if tok in p.stop_ids:
             res.finish_reason = "stop"
             if res.output_logprobs:
                 res.output_logprobs.pop()  # the stop token is not part of the answer
             return True
         res.output_ids.append(tok)
-        res.text = self.decode(res.output_ids)
-        for s in r.params.stop:
+        if p.stop or seq.req.on_text is not None:
+            res.text = self.decode(res.output_ids)
+        for s in p.stop:
             cut = res.text.find(s)
             if s and cut >= 0:
                 res.text, res.finish_reason = res.text[:cut], "stop"
                 return True
-        if len(res.output_ids) >= r.params.max_tokens:
+        if len(res.output_ids) >= p.max_tokens:
             res.finish_reason = "length"
             return True
         return False
 
     @staticmethod
-    def _stream(r: Request, res: Result, sent: str, final: bool) -> str:
+    def _stream(seq: _Seq, final: bool) -> None:
         """Send the new text, holding back what may still become a stop string or is a
         partial UTF-8 character."""
-        text = res.text
+        text, stops = seq.res.text, seq.req.params.stop
         if not final:
-            hold = max((k for s in r.params.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-            text = text.rstrip("\ufffd")
-        if len(text) > len(sent) and text.startswith(sent):
-            r.on_text(text[len(sent):])
-            return text
-        return sent
+            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold].rstrip("\ufffd")
+        if len(text) > len(seq.streamed) and text.startswith(seq.streamed):
+            seq.req.on_text(text[len(seq.streamed):])
+            seq.streamed = text
 
     # ---------------------------------------------------------------- scoring
     def score(self, sequences: list[list[int]], top_n: int = 1) -> list[list[TokenLogprob | None]]:
@@ -194,10 +267,11 @@ class Engine:
 
 
 class Batcher:
-    """One worker thread owns the engine; requests that arrive within `wait_ms` of each
-    other (up to max_batch) are generated together."""
+    """One worker thread owns the engine. Between decode steps it takes every request
+    that has arrived (up to max_batch running), prefills them and joins them to the
+    running batch; each request's future resolves the moment its sequence ends."""
 
-    def __init__(self, engine: Engine, *, wait_ms: float = 5.0, on_batch: Callable[[int], None] | None = None):
+    def __init__(self, engine: Engine, *, wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None):
         self.engine, self.wait = engine, wait_ms / 1000
         self.on_batch = on_batch
         self.queue: queue.Queue = queue.Queue()
@@ -209,22 +283,50 @@ class Batcher:
         self.queue.put((request, fut))
         return fut
 
+    def _take(self, block: bool, limit: int) -> list:
+        items: list = []
+        if limit <= 0:
+            return items
+        try:
+            if block:
+                items.append(self.queue.get())
+                if limit > 1:
+                    items.append(self.queue.get(timeout=self.wait))  # let a burst arrive together
+            while len(items) < limit:
+                items.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
     def _loop(self) -> None:
+        batch: Batch | None = None
         while True:
-            batch = [self.queue.get()]
-            deadline = time.monotonic() + self.wait
-            while len(batch) < self.engine.max_batch:
+            running = len(batch) if batch is not None else 0
+            new = self._take(block=batch is None, limit=self.engine.max_batch - running)
+            if new:
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
-            if self.on_batch:
-                self.on_batch(len(batch))
+                    joined = self.engine.prefill([r for r, _ in new], [self._resolver(f) for _, f in new])
+                    if joined is not None:
+                        batch = joined if batch is None else self.engine.join(batch, joined)
+                except Exception as exc:  # noqa: BLE001 - fail the new requests, keep the running ones
+                    for _, fut in new:
+                        if not fut.done():
+                            fut.set_exception(exc)
+            if batch is None:
+                continue
             try:
-                results = self.engine.generate([req for req, _ in batch])
-                for (_, fut), res in zip(batch, results):
-                    fut.set_result(res)
-            except Exception as exc:  # noqa: BLE001 - hand the error to every waiting request
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                if self.on_batch:
+                    self.on_batch(len(batch))
+                batch = self.engine.step(batch)
+                time.sleep(0)  # yield the GIL: request handlers must get in between steps
+            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
+                for seq in batch.seqs:
+                    seq.done(exc)
+                batch = None
+
+    @staticmethod
+    def _resolver(fut: Future) -> Callable:
+        def resolve(outcome) -> None:
+            if not fut.done():
+                (fut.set_exception if isinstance(outcome, Exception) else fut.set_result)(outcome)
+        return resolve
