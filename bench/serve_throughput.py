@@ -73,7 +73,7 @@ def bench_server(model_dir: str, conc: int, reqs: int, plen: int, new: int, thre
             except httpx.HTTPError:
                 time.sleep(0.5)
         ps = prompts(model_dir, conc * reqs, plen)
-        body = lambda p: {"model": "m", "prompt": p, "max_tokens": new, "temperature": 0}  # noqa: E731
+        body = lambda p: {"model": "m", "prompt": p, "max_tokens": new, "temperature": 0, "ignore_eos": True}  # noqa: E731
         httpx.post(url + "/v1/completions", json=body(ps[0]), timeout=600)  # warm up
         lat: list[float] = []
 

@@ -84,6 +84,8 @@ def check_lengths(served: ServedModel, prompt_len: int, max_tokens: int, n_choic
 def sampling(req, served: ServedModel, max_tokens: int, seed_offset: int, logprobs: int | None,
              stop_ids: tuple = ()) -> SamplingParams:
     seed = None if req.seed is None else req.seed + seed_offset
+    if req.ignore_eos:
+        stop_ids = ()
     return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           repetition_penalty=req.repetition_penalty, seed=seed, stop=tuple(req.stop or ()),
                           stop_ids=stop_ids, logprobs=logprobs)
@@ -100,10 +102,13 @@ def completion_requests(req: CompletionRequest, served: ServedModel) -> tuple[li
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
     for p in prompts:
         check_lengths(served, len(p.prompt_ids), max_tokens, len(prompts) * req.n)
+    # A completion ends at the end-of-document token, as OpenAI's and vLLM's do.
+    specials = served.loaded.meta.specials
+    eos = (specials["<|endoftext|>"],) if "<|endoftext|>" in specials else ()
     engine_reqs = []
     for p in prompts:
         for k in range(req.n):
-            engine_reqs.append(Request(p.prompt_ids, sampling(req, served, max_tokens, k, req.logprobs),
+            engine_reqs.append(Request(p.prompt_ids, sampling(req, served, max_tokens, k, req.logprobs, eos),
                                        prompt_logprobs=req.echo and req.logprobs is not None))
     return prompts, engine_reqs
 

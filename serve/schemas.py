@@ -24,6 +24,9 @@ class SamplingFields(_Lenient):
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    # Extension (vLLM): keep generating past the end-of-document / end-of-turn token,
+    # e.g. for benchmarks that need a fixed number of new tokens.
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

@@ -135,6 +135,21 @@ def test_stop_strings_excluded_and_info_routes(server):
     assert "zerolm_requests_total" in metrics and "zerolm_batch_size_bucket" in metrics
 
 
+def test_completion_ends_at_end_of_document_unless_ignore_eos(server):
+    body = {"model": "tiny", "prompt": "新华社北京", "max_tokens": 48, "temperature": 1.0, "seed": 7, "n": 16}
+    free = post(server, "/v1/completions", {**body, "ignore_eos": True}).json()["choices"]
+    ended = post(server, "/v1/completions", body).json()["choices"]
+    eos = "<|endoftext|>"
+    hits = 0
+    for f, e in zip(free, ended):
+        if eos in f["text"]:  # the same seeded sample, cut where the document ended
+            hits += 1
+            assert e["text"] == f["text"][: f["text"].index(eos)] and e["finish_reason"] == "stop"
+        else:
+            assert e["text"] == f["text"] and e["finish_reason"] == f["finish_reason"] == "length"
+    assert hits > 0  # the model was trained on short documents: some samples must end
+
+
 def test_64_concurrent_requests_batched_equal_sequential(server):
     prompts = [f"第{i}条新闻：" if i % 2 else f"Item {i} of the list:" for i in range(64)]
 
