@@ -80,17 +80,19 @@ def write_demo_corpus(out_dir: str | Path, *, max_reviews_per_file: int = 4000) 
     out.mkdir(parents=True, exist_ok=True)
     files = {}
 
+    def write(path: Path, text: str) -> None:
+        # Leave an identical file untouched: the data job fingerprints its inputs by
+        # size and mtime, and a rewritten file would make a second `zerolm demo` see
+        # "another config" instead of skipping the finished stages.
+        if not (path.exists() and path.read_text(encoding="utf-8") == text):
+            path.write_text(text, encoding="utf-8")
+        files[path.stem] = str(path)
+
     def jsonl(name: str, rows: list[dict]) -> None:
-        path = out / f"{name}.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        files[name] = str(path)
+        write(out / f"{name}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
     def txt(name: str, lines: list[str]) -> None:
-        path = out / f"{name}.txt"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        files[name] = str(path)
+        write(out / f"{name}.txt", "\n".join(lines) + "\n")
 
     jsonl("python_help", pydoc_topics())
     jsonl("python_docstrings", stdlib_docstrings())
