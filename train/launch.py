@@ -46,6 +46,9 @@ def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
     if s.use_gpu:
         resources["GPU"] = 1
     env = {"DS_ACCELERATOR": "cpu"} if not s.use_gpu else {}
+    # Ray Train's print patch tees every worker print into its logger as well as stdout,
+    # so each progress line reached the driver twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     env.update({k: v for k, v in (("ZEROLM_CRASH_AT_STEP", payload["crash_at"]),
                                   ("ZEROLM_CRASH_MARKER", payload["crash_marker"])) if v})
     trainer = TorchTrainer(
@@ -53,6 +56,6 @@ def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"zerolm-{task}", storage_path=str((Path(cfg.output) / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             worker_runtime_env={"env_vars": env} if env else None),
+                             worker_runtime_env={"env_vars": env}),
     )
     trainer.fit()
