@@ -12,7 +12,9 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator
 
 from dataproc.filters import FiltersConfig
+from dataproc.near_dedup.config import NearDedupConfig
 from dataproc.normalize import NormalizeConfig
+from dataproc.quality.steps import LangidConfig, PerplexityConfig, QualityConfig
 from zerolm.config import StrictModel
 
 
@@ -91,6 +93,12 @@ class DataRunConfig(StrictModel):
     filters: FiltersConfig = Field(default_factory=FiltersConfig)
     exact_dedup: ExactDedupConfig = Field(default_factory=ExactDedupConfig)
     outlier: OutlierConfig = Field(default_factory=OutlierConfig)
+    # MinHash (default) / SimHash near-duplicate removal after exact dedup (dataproc/near_dedup/).
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
+    # Model-based steps (dataproc/quality/): off unless a model file is given.
+    langid: LangidConfig = Field(default_factory=LangidConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     # Parquet rows per output file (roughly; one file per write task at least).
     rows_per_file: int = Field(default=200_000, ge=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
+from dataproc.quality.buckets import base_source, bucketed_weights
 from zerolm.config import StrictModel
 from zerolm.errors import UserError
 
@@ -23,6 +24,17 @@ class MixtureStage(StrictModel):
     # Source -> weight; "*" covers unnamed sources; empty = proportional to tokens.
     # Weights need not sum to 1 (they are normalized); unnamed sources without "*" get 0.
     weights: dict[str, float] = Field(default_factory=dict)
+    # Curriculum (pack's curriculum.buckets): how each source's weight is shared by its
+    # score buckets, bucket 0 first, e.g. [1, 0, 0] = only the easiest third ("easy
+    # first") or the best third (buckets by quality_score, annealing). Empty = by tokens.
+    buckets: list[float] = Field(default_factory=list)
+
+    @field_validator("buckets")
+    @classmethod
+    def _bucket_weights(cls, value: list) -> list:
+        if value and (min(value) < 0 or sum(value) <= 0):
+            raise ValueError("bucket weights must be >= 0 with at least one > 0")
+        return value
 
     @field_validator("weights")
     @classmethod
@@ -50,11 +62,10 @@ def validate_mixture(stages: list[MixtureStage], sources: set[str]) -> None:
 def resolve_weights(stage: dict, tokens_by_source: dict[str, int]) -> dict[str, float]:
     """Normalized weights of one stage over the sources that have training tokens."""
     weights = stage.get("weights") or {}
-    if not weights:
-        raw = {s: float(n) for s, n in tokens_by_source.items()}
-    else:
-        raw = {s: float(weights.get(s, weights.get(ANY, 0.0))) for s in tokens_by_source}
-    unknown = sorted(set(weights) - set(tokens_by_source) - {ANY})
+    # Curriculum buckets ("<source>@b<k>") share their source's weight (see
+    # dataproc/quality/buckets.py); for unbucketed sources this is weight or tokens.
+    raw = bucketed_weights(weights, stage.get("buckets") or [], tokens_by_source, ANY, stage.get("name"))
+    unknown = sorted(set(weights) - {base_source(s) for s in tokens_by_source} - {ANY})
     if unknown:
         raise UserError(f"mixture stage {stage.get('name')!r}: source(s) {unknown} have no training tokens")
     total = sum(raw.values())

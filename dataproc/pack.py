@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from dataproc.mixture import MixtureStage, validate_mixture
+from dataproc.quality.buckets import base_source
+from dataproc.quality.curriculum import CurriculumConfig, apply_curriculum, extra_columns, plan_curriculum
 from dataproc.tokenizer import TOKENIZER_FILES, TokenizerInfo, load_tokenizer_dir, tokenizer_info
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
@@ -48,6 +51,8 @@ class PackConfig(StrictModel):
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
     write_doc_index: bool = True  # shard_NNNNN.idx: int64 start offset of every document
     mixture: list[MixtureStage] = Field(default_factory=list)
+    # Order / bucket documents by a score for curriculum schedules (dataproc/quality/curriculum.py).
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
     address: Optional[str] = None  # Ray cluster; None = $RAY_ADDRESS or local Ray
     num_workers: int = Field(default=0, ge=0)  # concurrent tokenize tasks; 0 = as many as CPUs
     batch_size: int = Field(default=512, ge=1)
@@ -101,6 +106,11 @@ def tokenize_batch(batch: pa.Table, tok_dir: str, sep_id: int, dtype: str, val_f
     task with no data movement between them; the tokenizer is cached per process."""
     tok = _TOKENIZERS.get(tok_dir)
     if tok is None:
+        # One tokenizer thread per task: parallelism comes from Ray's tasks. Set in the
+        # worker, not as the task's runtime_env: a runtime_env makes Ray start dedicated
+        # worker processes for each pack job and end them after it (seconds of CPU for
+        # imports each, measured by bench/pack_throughput.py).
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         # Corpus text is encoded with special tokens as plain text: a web page that
         # contains "<|im_end|>" must not inject a control token.
         tok = _TOKENIZERS[tok_dir] = load_tokenizer_dir(tok_dir, encode_special_tokens=True)
@@ -220,6 +230,7 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     files = _clean_files(clean_dir)
     source_stats = json.loads((clean_dir / "stats.json").read_text(encoding="utf-8")).get("sources", {})
     validate_mixture(cfg.mixture, set(source_stats))
+    curriculum = plan_curriculum(cfg.curriculum, files, cfg.mixture)
     chash = config_hash({"config": cfg.model_dump(mode="json", exclude={"address", "num_workers", "batch_size"}),
                          "tokenizer": info.sha256, "clean": clean_info.get("config_hash")})
     stage = StageDir(out_dir, STAGE, chash)
@@ -235,14 +246,14 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # identical shards on every run
     started = time.time()
-    ds = ray.data.read_parquet(files, columns=["id", "text", "source"])
+    ds = ray.data.read_parquet(files, columns=["id", "text", "source"] + extra_columns(cfg.curriculum))
+    forced_val = small_source_val_ids(files, {s: v["rows_out"] for s, v in source_stats.items()}, cfg)
+    ds = apply_curriculum(ds, curriculum, cfg.val_fraction, forced_val)
     ds = ds.map_batches(
         tokenize_batch, fn_args=(str(Path(cfg.tokenizer).resolve()), info.eos_id, dtype, cfg.val_fraction,
-                                 small_source_val_ids(files, {s: v["rows_out"] for s, v in source_stats.items()}, cfg)),
+                                 forced_val),
         batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=1,
         concurrency=cfg.num_workers or None,
-        # one tokenizer thread per task: parallelism comes from Ray's tasks
-        runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     sink = _make_sink(out_dir.resolve(), cfg.write_doc_index)
     ds.write_datasink(sink)
@@ -260,7 +271,7 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
         "tokenizer": {"path": str(Path(cfg.tokenizer).resolve()), "sha256": info.sha256, "copy": TOKENIZER_COPY},
         "clean": {"path": str(clean_dir.resolve()), "config_hash": clean_info.get("config_hash")},
         "val_fraction": cfg.val_fraction, "min_val_docs": cfg.min_val_docs, "doc_index": cfg.write_doc_index,
-        "splits": splits, "mixture": [m.model_dump() for m in cfg.mixture],
+        "splits": splits, "mixture": [m.model_dump() for m in cfg.mixture], "curriculum": curriculum,
         "totals": {s: {"tokens": sum(v["tokens"] for v in splits[s].values()),
                        "docs": sum(v["docs"] for v in splits[s].values())} for s in SPLITS},
         "elapsed_s": round(elapsed, 2),
@@ -277,7 +288,7 @@ def format_manifest(manifest: dict) -> str:
         for source, s in sorted(manifest["splits"][split].items()):
             bpt = s["bytes"] / max(1, s["tokens"] - s["docs"])  # separators carry no text
             lines.append(f"{split:<6}{source[:27]:<28}{s['docs']:>9}{s['tokens']:>12}{bpt:>12.2f}{len(s['shards']):>7}")
-    empty = [s for s in manifest["splits"]["train"] if s not in manifest["splits"]["val"]]
+    empty = sorted({base_source(s) for s in manifest["splits"]["train"]} - set(manifest["splits"]["val"]))
     if empty:
         lines.append(f"note: no validation documents for {', '.join(sorted(empty))} (too few documents)")
     t = manifest["totals"]

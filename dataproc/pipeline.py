@@ -4,6 +4,7 @@
       -> read tasks (one Ray task each; bad records become reject rows)
       -> normalize -> filters -> exact-dedup hash key      (fused, whole batches)
       -> hash shuffle on the key -> keep the smallest id per key
+      -> near-duplicates (MinHash-LSH / SimHash, dataproc/near_dedup/job.py)
       -> [materialize; first pass: mean/σ per source -> outlier filter]
       -> CorpusSink: data/*.parquet, rejects/*.parquet, counts -> stats.json
       -> _SUCCESS (config hash + input fingerprint)
@@ -26,8 +27,10 @@ from dataproc.base import Step
 from dataproc.config import DataRunConfig
 from dataproc.dedup_exact import HASH, AddHashKey, KeepMinId
 from dataproc.filters import build_filters
+from dataproc.near_dedup.job import near_dedup
 from dataproc.filters.outlier import OutlierFilter, partial_moments, thresholds_from_moments
 from dataproc.normalize import Normalizer
+from dataproc.quality.stage import add_model_steps, check_models, model_step_names
 from dataproc.readers import read_task
 from dataproc.sources import plan_read_tasks
 from dataproc.stats import build_stats, format_summary
@@ -69,9 +72,25 @@ def step_order(cfg: DataRunConfig) -> list[str]:
     names += [f.name for f in build_filters(cfg.filters)]
     if cfg.exact_dedup.enabled:
         names.append("exact_dedup")
+    if cfg.near_dedup.method != "off":
+        names.append("near_dedup")
+    names += model_step_names(cfg)
     if cfg.outlier.enabled:
         names.append("outlier")
     return names
+
+
+def shuffle_strategy(node_cpus: list[float]) -> str:
+    """The Ray Data shuffle for exact dedup and the groupbys, from each node's CPUs.
+
+    "hash_shuffle" (aggregator actors) is the faster one at this job's sizes, but every
+    aggregator holds a slice of a CPU (together up to 1/4 of the cluster's) for the
+    whole shuffle, while every partitioning task needs a whole CPU on one node. On a
+    machine or container with 1 CPU both never fit and the job waits forever.
+    "shuffle_v2" runs the shuffle as plain map/reduce tasks (no actors), which always
+    get scheduled; it is used when no node has 2 CPUs.
+    """
+    return "hash_shuffle" if max(node_cpus, default=0) >= 2 else "shuffle_v2"
 
 
 def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict:
@@ -81,7 +100,9 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     fingerprint = hashlib.sha256(
         json.dumps(sorted((t.fs_uri + t.path, t.size, t.mtime) for t in tasks)).encode()
     ).hexdigest()
-    chash = config_hash({"config": cfg.model_dump(mode="json", exclude={"ray", "output"}), "inputs": fingerprint})
+    models = check_models(cfg)  # a bad model file fails here, before any output or Ray
+    chash = config_hash({"config": cfg.model_dump(mode="json", exclude={"ray", "output"}), "inputs": fingerprint,
+                         **models})
     out = StageDir(Path(cfg.output), STAGE, chash)
     if not out.begin(overwrite=overwrite):
         echo(f"{cfg.output} is already done with this config and these inputs (nothing to do)")
@@ -91,7 +112,8 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     import ray
     from ray.data.context import DataContext, ShuffleStrategy
 
-    DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    DataContext.get_current().shuffle_strategy = ShuffleStrategy(shuffle_strategy(node_cpus))
     started = time.time()
     rows = [t.to_row() for t in tasks]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -108,6 +130,10 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
         # All copies of a text hash to the same partition, and a partition is one
         # block (Ray does not split blocks of a keyed shuffle), so KeepMinId sees them all.
         ds = ds.repartition(parts, keys=[HASH]).map_batches(KeepMinId(), batch_size=None, batch_format="pandas")
+    if cfg.near_dedup.method != "off":
+        # MinHash/SimHash near-duplicates -> DROP "near_dedup:near_duplicate"; audit in DIR/duplicates/.
+        ds, near_info = near_dedup(ds, cfg.near_dedup, out_dir=str(out.path.resolve()), batch_size=cfg.ray.batch_size)
+    ds, model_info = add_model_steps(ds, cfg, cfg.ray.batch_size)
     if cfg.outlier.enabled:
         ds = ds.materialize()  # the first pass and the filter read it; compute it once
         o = cfg.outlier
@@ -122,8 +148,12 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     ds.write_datasink(sink)
 
     stats = build_stats(sink.parts, step_order(cfg))
+    if cfg.near_dedup.method != "off":
+        stats["near_dedup"] = near_info  # band layout, edges, components path/rounds
     stats.update(elapsed_s=round(time.time() - started, 2), read_tasks=len(tasks), config_hash=chash,
                  inputs=[spec.path for spec in cfg.read.inputs])
+    if model_info:
+        stats["models"] = model_info
     write_json_atomic(out.path / "stats.json", stats)
     (out.path / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
     out.finish(rows_out=stats["rows_out"])

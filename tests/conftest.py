@@ -25,7 +25,10 @@ def ray_session():
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": always a private instance. Without it ray.init joins a Ray that
+        # another process on the machine started (and then refuses num_cpus).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

@@ -35,18 +35,79 @@ def _parse_inputs(items: list[str]) -> list[dict]:
     return inputs
 
 
+def _data_flags(args) -> dict:
+    """The flags `data run` and `data near-dedup` share: --output, --address, --input."""
+    flags = {"output": args.output, "ray": {"address": args.address} if args.address else None}
+    if args.input:
+        flags["read"] = {"inputs": _parse_inputs(args.input)}
+    return flags
+
+
 def cmd_data_run(args) -> int:
     from dataproc.config import DataRunConfig
     from dataproc.pipeline import run_data
     from zerolm.config import build_config
 
-    flags = {"output": args.output, "ray": {"address": args.address} if args.address else None}
-    if args.input:
-        flags["read"] = {"inputs": _parse_inputs(args.input)}
-    cfg = build_config(DataRunConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    cfg = build_config(DataRunConfig, config_file=args.config, flags=_data_flags(args), overrides=args.overrides)
     stats = run_data(cfg, overwrite=args.overwrite)
     print(f"\nclean corpus: {cfg.output}/data  rejects: {cfg.output}/rejects  stats: {cfg.output}/stats.json")
     return 0 if stats["rows_out"] > 0 else 1
+
+
+def cmd_data_near_dedup(args) -> int:
+    from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
+    from zerolm.config import build_config
+
+    cfg = build_config(NearDedupRunConfig, config_file=args.config, flags=_data_flags(args),
+                       overrides=args.overrides)
+    stats = run_near_dedup(cfg, overwrite=args.overwrite)
+    print(f"\nkept: {cfg.output}/data  removed (audit): {cfg.output}/duplicates  stats: {cfg.output}/stats.json")
+    return 0 if stats["rows_out"] > 0 else 1
+
+
+def _flat(groups):
+    """`--x a b --x c` (append + nargs) -> [a, b, c]; None stays None."""
+    return None if not groups else [item for group in groups for item in group]
+
+
+def cmd_train_quality(args) -> int:
+    from dataproc.quality.classifier import QualityTrainConfig, default_recipe, train_quality
+    from zerolm.config import build_config
+
+    flags = {"output": args.output,
+             "positive": _parse_inputs(_flat(args.positive)) if args.positive else None,
+             "negative": _parse_inputs(_flat(args.negative)) if args.negative else None}
+    base = default_recipe(args.default_recipe) if args.default_recipe else None
+    cfg = build_config(QualityTrainConfig, config_file=args.config, base=base, flags=flags, overrides=args.overrides)
+    train_quality(cfg)
+    print(f"\nquality model: {cfg.output}  (report: {cfg.output}.json; use it with --set quality.enabled=true "
+          f"--set quality.model={cfg.output})")
+    return 0
+
+
+def cmd_train_langid(args) -> int:
+    from dataproc.quality.langid import LangidTrainConfig, train_langid
+    from zerolm.config import build_config
+
+    langs = [x.strip() for x in args.languages.split(",") if x.strip()] if args.languages else None
+    flags = {"input": args.input, "output": args.output, "languages": langs}
+    cfg = build_config(LangidTrainConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    train_langid(cfg)
+    print(f"\nlanguage-id model: {cfg.output}  (report: {cfg.output}.json)")
+    return 0
+
+
+def cmd_train_ppl(args) -> int:
+    from dataproc.quality.perplexity import PplTrainConfig, default_recipe, train_ppl
+    from zerolm.config import build_config
+
+    flags = {"output": args.output, "zh": _parse_inputs(_flat(args.zh)) if args.zh else None,
+             "en": _parse_inputs(_flat(args.en)) if args.en else None}
+    base = default_recipe(args.default_recipe) if args.default_recipe else None
+    cfg = build_config(PplTrainConfig, config_file=args.config, base=base, flags=flags, overrides=args.overrides)
+    train_ppl(cfg)
+    print(f"\nperplexity model: {cfg.output}  (report: {cfg.output}.json)")
+    return 0
 
 
 def cmd_tokenizer_train(args) -> int:
@@ -142,6 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", help="output folder (clean corpus)")
     _add_common(run)
     run.set_defaults(func=cmd_data_run)
+
+    nd = data_sub.add_parser("near-dedup", help="near-duplicate removal alone (MinHash-LSH or SimHash)")
+    nd.add_argument("--input", action="append", metavar="[SOURCE=]PATH_OR_GLOB", nargs="+",
+                    help="input files: paths, globs or URIs (e.g. DIR/data/*.parquet of a data run); repeatable")
+    nd.add_argument("--output", help="output folder: data/ (kept), duplicates/ (audit), stats.json")
+    _add_common(nd)
+    nd.set_defaults(func=cmd_data_near_dedup)
+
+    tq = data_sub.add_parser("train-quality", help="train the fastText quality classifier (high vs low quality)")
+    tq.add_argument("--positive", action="append", nargs="+", metavar="[SOURCE=]PATH",
+                    help="high-quality text: paths or globs (repeatable)")
+    tq.add_argument("--negative", action="append", nargs="+", metavar="[SOURCE=]PATH",
+                    help="low-quality text: paths or globs (repeatable)")
+    tq.add_argument("--default-recipe", metavar="DATA_DIR",
+                    help="the built-in recipe on the shared test data folder (e.g. ../shared/data)")
+    tq.add_argument("--output", help="model file to write")
+    _add_common(tq, ray=False)
+    tq.set_defaults(func=cmd_train_quality)
+
+    tl = data_sub.add_parser("train-langid", help="train the fastText language identifier")
+    tl.add_argument("--input", help="folder of <language>.txt files, one sentence per line")
+    tl.add_argument("--languages", help="comma-separated subset of the languages (default: all files)")
+    tl.add_argument("--output", help="model file to write")
+    _add_common(tl, ray=False)
+    tl.set_defaults(func=cmd_train_langid)
+
+    tp = data_sub.add_parser("train-ppl", help="train the n-gram perplexity model (zh characters, en words)")
+    tp.add_argument("--zh", action="append", nargs="+", metavar="[SOURCE=]PATH", help="Chinese reference text")
+    tp.add_argument("--en", action="append", nargs="+", metavar="[SOURCE=]PATH", help="English reference text")
+    tp.add_argument("--default-recipe", metavar="DATA_DIR",
+                    help="the built-in recipe on the shared test data folder (e.g. ../shared/data)")
+    tp.add_argument("--output", help="model file to write")
+    _add_common(tp, ray=False)
+    tp.set_defaults(func=cmd_train_ppl)
 
     tok = sub.add_parser("tokenizer", help="tokenizer jobs")
     tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True, metavar="JOB")

@@ -1,0 +1,109 @@
+"""Verification of MinHash candidate pairs (no ray; job.py wires the two shuffles).
+
+  requests  each candidate edge (a, b) asks both of its documents for their payload:
+            rows (NODE=a, PA=a, PB=b) and (NODE=b, PA=a, PB=b)
+  Attach    one hash partition of NODE: the corpus payload rows (NODE, TEXT, KIND,
+            SIG) of its nodes plus the requests for them -> (PA, PB, SIDE, TEXT, KIND,
+            SIG); a pair found in several bands meets itself here and is kept once
+  Verify    one hash partition of (PA, PB): both sides of each pair -> the edge with
+            both signatures (for the audit) if its Jaccard reaches the threshold:
+            exact on the shingle sets ("jaccard") or estimated ("signature").
+Only the documents that are in some candidate pair travel beyond Attach.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dataproc.base import TEXT
+from dataproc.filters.textstats import chunk_slices
+from dataproc.near_dedup.config import NearDedupConfig, ShingleConfig
+from dataproc.near_dedup.minhash import estimate_jaccard
+from dataproc.near_dedup.shingles import shingle_batch
+from dataproc.near_dedup.steps import KIND, NODE, SIG, A, B, binary_matrix, conform, edges_table
+
+PA, PB, SIDE, JAC = "_nd_pa", "_nd_pb", "_nd_side", "_nd_jaccard"
+# One schema for both sides of the Attach shuffle (see steps.conform).
+ROUTE_SCHEMA = pa.schema([(NODE, pa.string()), (PA, pa.string()), (PB, pa.string()), (TEXT, pa.large_string()),
+                          (KIND, pa.int8()), (SIG, pa.binary())])
+
+
+def requests(edges: pa.Table) -> pa.Table:
+    a, b = edges[A].combine_chunks(), edges[B].combine_chunks()
+    both = pa.table({NODE: pa.concat_arrays([a, b]), PA: pa.concat_arrays([a, a]), PB: pa.concat_arrays([b, b])})
+    return conform(both, ROUTE_SCHEMA)
+
+
+def payload(with_text: bool):
+    """Corpus rows -> the payload rows Attach needs (candidates only)."""
+    cols = [NODE, TEXT, KIND, SIG] if with_text else [NODE, KIND, SIG]
+
+    def project(table: pa.Table) -> pa.Table:
+        return conform(table.select(cols).filter(pc.is_valid(table[SIG])), ROUTE_SCHEMA)
+
+    return project
+
+
+class Attach:
+    def __init__(self, with_text: bool):
+        self.cols = [PA, PB, SIDE] + ([TEXT] if with_text else []) + [KIND, SIG]
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        if PA not in table.column_names:
+            return pa.table({c: [] for c in self.cols})
+        is_req = pc.fill_null(pc.is_valid(table[PA]), False)
+        req = table.filter(is_req).select([NODE, PA, PB]).to_pandas().drop_duplicates()
+        docs = table.filter(pc.invert(is_req)).select([c for c in self.cols[3:]] + [NODE]).to_pandas()
+        merged = req.merge(docs.drop_duplicates(NODE), on=NODE, how="inner")
+        merged[SIDE] = (merged[NODE] == merged[PB]).astype(np.int8)
+        return pa.Table.from_pandas(merged[self.cols], preserve_index=False)
+
+
+def exact_jaccard(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], kinds_b: np.ndarray,
+                  cfg: ShingleConfig, seed: int) -> np.ndarray:
+    """Jaccard of the shingle (hash) sets of texts_a[i] and texts_b[i], vectorised:
+    (n,) float64. Equal to the Jaccard of the shingle strings up to 64-bit collisions."""
+    n = len(texts_a)
+    h, c = shingle_batch(texts_a + texts_b, np.concatenate([kinds_a, kinds_b]).astype(np.int8), cfg, seed)
+    row = np.repeat(np.arange(2 * n), c)
+    order = np.lexsort((h, row))  # unique shingles per text
+    h, row = h[order], row[order]
+    first = np.ones(len(h), dtype=bool)
+    first[1:] = (h[1:] != h[:-1]) | (row[1:] != row[:-1])
+    h, row = h[first], row[first]
+    size = np.bincount(row, minlength=2 * n)
+    pair = row % n
+    order = np.lexsort((h, pair))  # a shingle of both texts of a pair shows up twice in a row
+    h, pair = h[order], pair[order]
+    both = (h[1:] == h[:-1]) & (pair[1:] == pair[:-1])
+    inter = np.bincount(pair[1:][both], minlength=n)
+    union = size[:n] + size[n:] - inter
+    return np.divide(inter, union, out=np.zeros(n), where=union > 0)
+
+
+class Verify:
+    def __init__(self, cfg: NearDedupConfig):
+        self.cfg = cfg
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        mode, t = self.cfg.minhash.verify, self.cfg.minhash.threshold
+        if len(table) == 0:
+            return edges_table([], [], [], []).append_column(JAC, pa.array([], pa.float64()))
+        df = table.to_pandas().sort_values([PA, PB, SIDE]).drop_duplicates([PA, PB, SIDE])
+        sizes = df.groupby([PA, PB], sort=False)[SIDE].transform("size").to_numpy()
+        df = df[sizes == 2]  # both documents found (always, unless the input changed under us)
+        s0, s1 = df.iloc[0::2], df.iloc[1::2]
+        sig0 = binary_matrix(pa.array(s0[SIG].tolist(), pa.binary()), np.uint32)
+        sig1 = binary_matrix(pa.array(s1[SIG].tolist(), pa.binary()), np.uint32)
+        j = estimate_jaccard(sig0, sig1) if len(s0) else np.zeros(0)
+        if mode == "jaccard":
+            t0, t1 = s0[TEXT].tolist(), s1[TEXT].tolist()
+            k0, k1 = s0[KIND].to_numpy(np.int8), s1[KIND].to_numpy(np.int8)
+            j = np.concatenate([exact_jaccard(t0[p], k0[p], t1[p], k1[p], self.cfg.shingles, self.cfg.seed)
+                                for p in chunk_slices([a + b for a, b in zip(t0, t1)])]) if len(t0) else j
+        keep = np.ones(len(j), dtype=bool) if mode == "none" else j >= t
+        out = edges_table(s0[PA].to_numpy(object)[keep], s0[PB].to_numpy(object)[keep],
+                          s0[SIG].to_numpy(object)[keep], s1[SIG].to_numpy(object)[keep])
+        return out.append_column(JAC, pa.array(j[keep], pa.float64()))
