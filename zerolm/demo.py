@@ -23,12 +23,23 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} === (+{now - _T0[0]:.0f}s)", flush=True)
 
 
-def demo_data_config(corpus: dict, output: Path, address: str | None) -> dict:
+def demo_data_config(corpus: dict, output: Path, address: str | None, models: dict | None = None) -> dict:
     inputs = [{"path": corpus["python_help"], "source": "python_help"},
               {"path": corpus["python_docstrings"], "source": "python_docstrings"},
               {"path": corpus["peoples_daily"], "source": "peoples_daily"},
               {"path": corpus["reviews"], "source": "reviews"}]
-    return {"output": str(output), "read": {"inputs": inputs}, "ray": {"address": address}}
+    cfg = {"output": str(output), "read": {"inputs": inputs}, "ray": {"address": address},
+           "near_dedup": {"method": "minhash"}}  # the default, spelled out for the reader
+    if models:
+        cfg.update({
+            "langid": {"enabled": True, "model": str(models["langid"]), "keep": ["zh", "en"]},
+            # Score only: the demo's "low quality" class IS the reviews source, so a
+            # threshold would remove that whole source rather than its worst documents.
+            "quality": {"enabled": True, "model": str(models["quality"]), "threshold": None},
+            # The 2% most surprising documents of every source (garbled or off-domain text).
+            "perplexity": {"enabled": True, "model": str(models["perplexity"]), "max_percentile": 98},
+        })
+    return cfg
 
 
 def demo_train_config(tokens: Path, output: Path, address: str | None) -> dict:
@@ -70,8 +81,14 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
         print(f"  {name:<20} {path}")
     outputs["corpus"] = work / "corpus"
 
-    _banner("clean: zerolm data run")
-    data_cfg = demo_data_config(corpus, work / "clean", address)
+    _banner("quality models: zerolm data train-quality / train-langid / train-ppl (on the demo corpus)")
+    from dataproc.quality.demo_models import train_demo_models
+
+    models = train_demo_models(corpus, work / "models", echo=print)
+    outputs["models"] = work / "models"
+
+    _banner("clean: zerolm data run (normalize, filters, exact + MinHash near dedup, langid, quality, perplexity)")
+    data_cfg = demo_data_config(corpus, work / "clean", address, models)
     _write_config(work, "data", data_cfg)
     run_data(DataRunConfig.model_validate(data_cfg), overwrite=overwrite)
     outputs["clean"] = work / "clean"

@@ -22,8 +22,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
+    elif num_cpus:
+        # A sized instance of our own: a plain init would join a cluster that `ray start`
+        # left on this machine and then refuse num_cpus.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard process also serves Ray's State API, which Ray Train's placement
+        # group cleaner polls; without it that actor logs a warning every few seconds.
+        ray.init(include_dashboard=True, **kwargs)
 
 
 def cluster_cpus() -> int:
