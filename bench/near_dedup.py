@@ -83,14 +83,42 @@ def bench_signatures(data: Path, docs_n: int, num_perm: int) -> list[dict]:
     return rows
 
 
-def e2e_child(data: Path, cpus: int, scale: int, out: str) -> None:
-    """One `zerolm data near-dedup` run in this process (its own local Ray)."""
+def e2e_child(data: Path, cpus: int, scale: int, out: str, nodes: int = 0) -> None:
+    """One `zerolm data near-dedup` run in this process: its own local Ray with `cpus`
+    CPUs, or (nodes > 0) a simulated cluster (`ray.cluster_utils.Cluster`: a head
+    without CPUs and `nodes` worker nodes of 1 CPU each)."""
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
     from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cluster = None
+    if nodes:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False,
+                                                                    object_store_memory=200 << 20))
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=1, object_store_memory=200 << 20)
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cpus = nodes
+    else:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        _e2e_run(data, cpus, scale, out, nodes)
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+            # the head wrote this machine's "current cluster" file: do not leave it pointing at a dead cluster
+            current = Path("/tmp/ray/ray_current_cluster")
+            if current.exists() and cluster.address in current.read_text():
+                current.unlink()
+
+
+def _e2e_run(data: Path, cpus: int, scale: int, out: str, nodes: int) -> None:
+    from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
     import shutil
 
     inputs = []
@@ -110,17 +138,17 @@ def e2e_child(data: Path, cpus: int, scale: int, out: str) -> None:
     stats = run_near_dedup(cfg, overwrite=True, echo=lambda *_: None)
     dt = time.perf_counter() - t0
     print("RESULT " + json.dumps({
-        "bench": "e2e", "cpus": cpus, "scale": scale, "MB": round(nbytes / 1e6, 2), "seconds": round(dt, 1),
+        "bench": "e2e", "cpus": cpus, "nodes": nodes, "scale": scale, "MB": round(nbytes / 1e6, 2),
+        "seconds": round(dt, 1),
         "MB_per_s": round(nbytes / dt / 1e6, 3), "MB_per_s_per_cpu": round(nbytes / dt / 1e6 / cpus, 3),
         "rows_in": stats["rows_in"], "removed": stats["dropped"].get("near_duplicate", 0),
         "driver_peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "driver_rss_before_MB": round(rss0 / 1024, 1), "components": stats.get("near_dedup", {}).get("components")}))
-    ray.shutdown()
 
 
-def bench_e2e(data: Path, settings: list[tuple[int, int]]) -> list[dict]:
+def bench_e2e(data: Path, settings: list[tuple[str, int]]) -> list[dict]:
     rows = []
-    for cpus, scale in settings:
+    for cpus, scale in settings:  # cpus: "2" (local Ray, 2 CPUs) or "3n" (3 simulated nodes)
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, __file__, "--child-e2e", f"{cpus},{scale}", "--data", str(data),
                    "--out", str(Path(tmp) / "out")]
@@ -130,10 +158,16 @@ def bench_e2e(data: Path, settings: list[tuple[int, int]]) -> list[dict]:
             rows.append(emit({"bench": "e2e", "cpus": cpus, "scale": scale, "error": res.stderr[-2000:]}))
             continue
         rows.append(emit(json.loads(line[7:])))
-    one = next((r for r in rows if r.get("cpus") == 1 and r.get("scale") == 1 and "MB_per_s" in r), None)
-    two = next((r for r in rows if r.get("cpus") == 2 and r.get("scale") == 1 and "MB_per_s" in r), None)
+    local = lambda c: next((r for r in rows if r.get("cpus") == c and not r.get("nodes")  # noqa: E731
+                            and r.get("scale") == 1 and "MB_per_s" in r), None)
+    one, two = local(1), local(2)
     if one and two:
         emit({"bench": "e2e_scaling", "speedup_1_to_2_cpus": round(two["MB_per_s"] / one["MB_per_s"], 2)})
+    for r in rows:
+        if r.get("nodes") and "MB_per_s" in r and local(r["cpus"] if r["cpus"] <= 2 else 2):
+            base = local(r["cpus"] if r["cpus"] <= 2 else 2)
+            emit({"bench": "e2e_cluster_vs_local", "nodes": r["nodes"], "local_cpus": base["cpus"],
+                  "ratio": round(r["MB_per_s"] / base["MB_per_s"], 2)})
     return rows
 
 
@@ -179,18 +213,20 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=5000)
     p.add_argument("--num-perm", type=int, default=128)
     p.add_argument("--skip", default="", help="comma list of: signatures, e2e, quality")
-    p.add_argument("--e2e", default="1x1,2x1,2x4", help="runs as CPUSxSCALE, comma separated")
+    p.add_argument("--e2e", default="1x1,2x1,2x4,3nx1",
+                   help="runs as CPUSxSCALE (CPUS: local Ray CPUs, or Nn = N simulated 1-CPU nodes), comma separated")
     p.add_argument("--child-e2e", default="")
     p.add_argument("--out", default="")
     a = p.parse_args()
     data = Path(a.data)
     if a.child_e2e:
-        cpus, scale = map(int, a.child_e2e.split(","))
-        return e2e_child(data, cpus, scale, a.out)
+        cpus, scale = a.child_e2e.split(",")
+        nodes = int(cpus[:-1]) if cpus.endswith("n") else 0
+        return e2e_child(data, nodes or int(cpus), int(scale), a.out, nodes)
     skip = set(a.skip.split(","))
     emit({"bench": "machine", "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "note": "shared VM: noisy"})
     sig = [] if "signatures" in skip else bench_signatures(data, a.docs, a.num_perm)
-    settings = [tuple(map(int, x.split("x"))) for x in a.e2e.split(",")]
+    settings = [(c, int(k)) for c, k in (x.split("x") for x in a.e2e.split(","))]
     e2e = [] if "e2e" in skip else bench_e2e(data, settings)
     qual = [] if "quality" in skip else bench_quality(data)
     print(f"\n{'signatures (1 core)':<28}{'docs/s':>9}{'MB/s':>8}{'x rensa':>9}")
@@ -199,7 +235,8 @@ def main() -> None:
     print(f"\n{'e2e near-dedup':<20}{'MB':>7}{'s':>8}{'MB/s':>8}{'driver RSS MB':>15}")
     for r in e2e:
         if "MB_per_s" in r:
-            print(f"{r['cpus']} cpu x{r['scale']:<12}{r['MB']:>7}{r['seconds']:>8}{r['MB_per_s']:>8}"
+            where = f"{r['nodes']} nodes" if r.get("nodes") else f"{r['cpus']} cpu"
+            print(f"{where:<8} x{r['scale']:<10}{r['MB']:>7}{r['seconds']:>8}{r['MB_per_s']:>8}"
                   f"{r['driver_peak_rss_MB']:>15}")
     print(f"\n{'quality':<22}{'J>=':>5}{'P':>8}{'R':>8}{'F1':>8}")
     for r in qual:
