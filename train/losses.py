@@ -46,20 +46,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h, t, ok = hidden[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
             logits = (h @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
             safe_t = t.clamp(min=0)
             picked = logits.gather(1, safe_t[:, None])[:, 0]
-            total += torch.where(ok, lse - picked, 0.0).sum()
-            if need_h or need_w:
-                # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows
-                probs = torch.exp(logits.sub_(lse[:, None]))  # in place: logits no longer needed
-                probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                probs.mul_(ok[:, None])
-                g = probs.to(hidden.dtype)
-                if need_h:
-                    grad_h[s:s + chunk] = g @ weight
-                if need_w:
-                    grad_w += (g.t() @ h).float()
+            if not (need_h or need_w):
+                total += torch.where(ok, torch.logsumexp(logits, dim=-1) - picked, 0.0).sum()
+                continue
+            # One exponential pass serves the loss and the gradient (logsumexp and then
+            # exp(logits - lse) would run it twice over the (n, V) block; on CPU these
+            # element-wise passes are a large part of a small model's step).
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place: the logits are not needed again
+            sum_exp = probs.sum(dim=-1)
+            total += torch.where(ok, top[:, 0] + sum_exp.log() - picked, 0.0).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows
+            keep = ok.to(probs.dtype)
+            probs.mul_((keep / sum_exp)[:, None])
+            probs[torch.arange(len(t), device=t.device), safe_t] -= keep
+            g = probs.to(hidden.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
         ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0), count)
         ctx.need, ctx.weight_dtype = (need_h, need_w), weight.dtype
         return total / count
