@@ -103,8 +103,8 @@ def completion_requests(req: CompletionRequest, served: ServedModel) -> tuple[li
     for p in prompts:
         check_lengths(served, len(p.prompt_ids), max_tokens, len(prompts) * req.n)
     # A completion ends at the end-of-document token, as OpenAI's and vLLM's do.
-    specials = served.loaded.meta.specials
-    eos = (specials["<|endoftext|>"],) if "<|endoftext|>" in specials else ()
+    meta = served.loaded.meta
+    eos = (meta.specials[meta.eos_token],) if meta.eos_token in meta.specials else ()
     engine_reqs = []
     for p in prompts:
         for k in range(req.n):

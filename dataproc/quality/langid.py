@@ -45,6 +45,9 @@ class LangidTrainConfig(StrictModel):
     fasttext: FastTextParams = Field(default_factory=_lid_params)
 
 
+MIN_SENTENCES = 20  # fewer leaves no held-out sentences to report the language's accuracy on
+
+
 def read_sentences(folder: Path, languages: list[str], max_sentences: int) -> dict[str, list[str]]:
     if not folder.is_dir():
         raise UserError(f"train-langid: {folder} is not a folder of <language>.txt files")
@@ -54,8 +57,15 @@ def read_sentences(folder: Path, languages: list[str], max_sentences: int) -> di
         raise UserError(f"train-langid: no file for language(s) {missing} in {folder}")
     out = {}
     for lang in languages or sorted(files):
-        lines = files[lang].read_text(encoding="utf-8", errors="replace").splitlines()
+        path = files[lang]
+        try:  # strict: replacement characters would train the model on garbage silently
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise UserError(f"train-langid: {path} is not UTF-8 (invalid bytes at offset {e.start})") from None
         seen = dict.fromkeys(s for s in (normalize(line).strip() for line in lines) if s)
+        if len(seen) < MIN_SENTENCES:
+            raise UserError(f"train-langid: {path} has {len(seen)} distinct non-empty sentences; a language "
+                            f"needs at least {MIN_SENTENCES} (remove the file or add text)")
         out[lang] = list(seen)[:max_sentences]
     if len(out) < 2:
         raise UserError(f"train-langid: need at least two languages, found {sorted(out)} in {folder}")

@@ -167,3 +167,34 @@ def test_wrong_or_corrupt_fasttext_models(tiny_models, tmp_path):
         ftmodel.check_quality_model(bad)
     with pytest.raises(UserError, match="not found"):
         ftmodel.check_langid_model(tmp_path / "nope.bin", "langid.model")
+
+
+def test_training_commands_reject_bad_input_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from dataproc.quality.langid import read_sentences
+
+    lid = tmp_path / "lid"
+    lid.mkdir()
+    (lid / "aa.txt").write_text("\n".join(f"sentence number {i} in aa" for i in range(30)), encoding="utf-8")
+    (lid / "bb.txt").write_bytes(b"valid start\n\xff\xfe then invalid bytes\n")
+    with pytest.raises(UserError, match=r"bb.txt is not UTF-8 \(invalid bytes at offset 12\)"):
+        read_sentences(lid, [], 100)
+    (lid / "bb.txt").write_text("one\n\n   \none\n", encoding="utf-8")  # 1 distinct sentence
+    with pytest.raises(UserError, match="bb.txt has 1 distinct non-empty sentences"):
+        read_sentences(lid, [], 100)
+    with pytest.raises(UserError, match="no file for language"):
+        read_sentences(lid, ["aa", "cc"], 100)
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": 1}\n', encoding="utf-8")
+    cases = [(["train-langid", "--input", str(tmp_path / "missing")], "is not a folder"),
+             (["train-quality"], "needs --positive and --negative"),
+             (["train-quality", "--positive", str(bad), "--negative", str(bad)], "no usable documents"),
+             (["train-ppl"], "needs reference text")]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "zerolm", "data", *args, "--output", str(tmp_path / "m.bin")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert not (tmp_path / "m.bin").exists()  # nothing written
