@@ -159,11 +159,23 @@ def train(examples: list[tuple[str, str]], output: str | Path, **params):
         with open(train_file, "w", encoding="utf-8") as f:
             for label, line in examples:
                 f.write(f"{PREFIX}{label} {line}\n")
-        model = _train_with_retries(fasttext, str(train_file), params)
         tmp_model = Path(tmp) / "model.bin"
-        model.save_model(str(tmp_model))
+        # In a fresh process: fastText 0.9.3 reads memory it never initialized (see
+        # _train_with_retries), so in a long-lived process that has allocated and freed
+        # a lot, training diverged to NaN every time; a new process gets zeroed pages.
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(_train_and_save, (str(train_file), params, str(tmp_model)))
+        model = fasttext.load_model(str(tmp_model))
         os.replace(tmp_model, output)
     return model
+
+
+def _train_and_save(train_file: str, params: dict, model_path: str) -> None:
+    import fasttext
+
+    _train_with_retries(fasttext, train_file, params).save_model(model_path)
 
 
 RETRIES = 4
