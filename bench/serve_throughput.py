@@ -57,13 +57,22 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def bench_server(model_dir: str, conc: int, reqs: int, plen: int, new: int, threads: int | None) -> dict:
+def engine_stats(url: str) -> tuple[float, float, float, float]:
+    """(batch size sum, steps, step seconds sum, steps) from the server's /metrics."""
+    lines = httpx.get(url + "/metrics", timeout=30).text.splitlines()
+    value = lambda name: float(next(ln.split()[-1] for ln in lines if ln.startswith(name + " ")))  # noqa: E731
+    return (value("zerolm_batch_size_sum"), value("zerolm_batch_size_count"),
+            value("zerolm_decode_step_seconds_sum"), value("zerolm_decode_step_seconds_count"))
+
+
+def bench_server(model_dir: str, conc: int, reqs: int, plen: int, new: int, threads: int | None,
+                 engine_thread: bool = False) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"m={model_dir}", "--port", str(port),
-                             "--max-batch", "64"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--max-batch", "64"] + (["--engine-thread"] if engine_thread else []), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -84,14 +93,20 @@ def bench_server(model_dir: str, conc: int, reqs: int, plen: int, new: int, thre
                 assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == new, r.text
                 lat.append(time.time() - t)
 
+        before = engine_stats(url)
         t0 = time.time()
         with cf.ThreadPoolExecutor(conc) as pool:
             list(pool.map(client, range(conc)))
         wall = time.time() - t0
+        after = engine_stats(url)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {"tokens_per_s": conc * reqs * new / wall, "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99)}
+    d = [a - b for a, b in zip(after, before)]
+    # mean sequences per decode step and mean step time: tell a batching problem (few
+    # sequences per step) from a slow step
+    return {"tokens_per_s": conc * reqs * new / wall, "p50_s": pct(lat, 0.5), "p99_s": pct(lat, 0.99),
+            "mean_batch": d[0] / max(d[1], 1), "step_ms": 1000 * d[2] / max(d[3], 1)}
 
 
 def bench_hf(model_dir: str, conc: int, reqs: int, plen: int, new: int) -> dict:
@@ -133,6 +148,8 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch threads (server and HF)")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="also measure the server with its engine on a thread of the HTTP process")
     args = p.parse_args()
     if args.make_model:
         make_model(args.make_model, args.tokenizer, args.model)
@@ -141,20 +158,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows = []
     for conc in [int(c) for c in args.concurrency.split(",")]:
-        for what, fn in (("zerolm_serve", lambda: bench_server(args.model, conc, args.requests, args.prompt_tokens,
-                                                                 args.new_tokens, args.threads)),
-                         ("hf_generate", lambda: bench_hf(args.model, conc, args.requests, args.prompt_tokens,
-                                                          args.new_tokens))):
+        runs = [("zerolm_serve", lambda: bench_server(args.model, conc, args.requests, args.prompt_tokens,
+                                                       args.new_tokens, args.threads))]
+        if args.engine_thread:
+            runs.append(("zerolm_serve_engine_thread", lambda: bench_server(
+                args.model, conc, args.requests, args.prompt_tokens, args.new_tokens, args.threads, True)))
+        runs.append(("hf_generate", lambda: bench_hf(args.model, conc, args.requests, args.prompt_tokens,
+                                                     args.new_tokens)))
+        for what, fn in runs:
             row = {"what": what, "concurrency": conc, **{k: round(v, 3) for k, v in fn().items()},
                    "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
             print(json.dumps(row), flush=True)
             rows.append(row)
-    print(f"\n{'concurrency':>11}{'zerolm tok/s':>14}{'HF tok/s':>10}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}")
+    print(f"\n{'server':<14}{'concurrency':>11}{'tok/s':>9}{'HF tok/s':>10}{'ratio':>7}{'p50 s':>8}{'p99 s':>8}"
+          f"{'batch':>7}{'step ms':>9}")
     for conc in sorted({r["concurrency"] for r in rows}):
-        ours = next(r for r in rows if r["concurrency"] == conc and r["what"] == "zerolm_serve")
         hf = next(r for r in rows if r["concurrency"] == conc and r["what"] == "hf_generate")
-        print(f"{conc:>11}{ours['tokens_per_s']:>14.1f}{hf['tokens_per_s']:>10.1f}"
-              f"{ours['tokens_per_s'] / hf['tokens_per_s']:>7.2f}{ours['p50_s']:>8.2f}{ours['p99_s']:>8.2f}")
+        for ours in (r for r in rows if r["concurrency"] == conc and r["what"].startswith("zerolm")):
+            mode = "engine thread" if ours["what"].endswith("thread") else "engine proc"
+            print(f"{mode:<14}{conc:>11}{ours['tokens_per_s']:>9.1f}{hf['tokens_per_s']:>10.1f}"
+                  f"{ours['tokens_per_s'] / hf['tokens_per_s']:>7.2f}{ours['p50_s']:>8.2f}{ours['p99_s']:>8.2f}"
+                  f"{ours['mean_batch']:>7.1f}{ours['step_ms']:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import openai_api as oa
+from serve.engine_process import EngineDied
 from serve.registry import Registry, ServedModel
 from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, EvaluationRequest,
                            TokenizeRequest)
@@ -31,6 +33,13 @@ class Metrics:
                                  registry=self.registry)
         self.batch = Histogram("zerolm_batch_size", "requests decoded together", buckets=(1, 2, 4, 8, 16, 32, 64),
                                registry=self.registry)
+        self.step = Histogram("zerolm_decode_step_seconds", "wall time of one decode step (a token for every "
+                              "running sequence)", buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1),
+                              registry=self.registry)
+
+    def observe_step(self, size: int, seconds: float) -> None:
+        self.batch.observe(size)
+        self.step.observe(seconds)
 
 
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
@@ -39,7 +48,12 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes: int = 8 << 20,
                metrics: Metrics | None = None) -> FastAPI:
-    app = FastAPI(title="zerolm", version="0.1.0")
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        registry.close()  # stop engine processes with the server (also under TestClient)
+
+    app = FastAPI(title="zerolm", version="0.1.0", lifespan=lifespan)
     m = metrics or Metrics()
     app.state.metrics, app.state.registry = m, registry
 
@@ -72,6 +86,10 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
     async def api_error(_request, exc: oa.APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(EngineDied)
+    async def engine_died(_request, exc: EngineDied):
+        return _error(503, str(exc), type="server_error", code="engine_unavailable")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), type="not_found_error" if exc.status_code == 404
@@ -94,6 +112,10 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
 
     @app.get("/health")
     async def health():
+        dead = sorted(name for name, s in registry.models.items() if not s.alive)
+        if dead:  # an engine process died: probes should restart this server
+            return JSONResponse({"status": "error", "models": sorted(registry.models), "dead": dead},
+                                status_code=503)
         return {"status": "ok", "models": sorted(registry.models)}
 
     @app.get("/metrics")
@@ -104,7 +126,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
     async def models():
         return {"object": "list", "data": [
             {"id": s.name, "object": "model", "created": s.created, "owned_by": "zerolm",
-             "max_model_len": s.engine.context} for s in registry.models.values()]}
+             "max_model_len": s.codec.context} for s in registry.models.values()]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -157,8 +179,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         text = req.prompt if req.prompt is not None else req.text
         if text is None:
             raise oa.APIError(400, "give the text as 'prompt'", param="prompt")
-        ids = served.engine.encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": served.engine.context}
+        ids = served.codec.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.codec.context}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
@@ -166,7 +188,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         vocab = served.loaded.config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise oa.APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": served.engine.decode(req.tokens)}
+        return {"prompt": served.codec.decode(req.tokens)}
 
     @app.get("/tokenizer_info")
     async def tokenizer_info(model: str | None = None):
@@ -174,7 +196,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         meta = served.loaded.meta
         return {"model": served.name, "eos_token": meta.eos_token, "bos_token": meta.bos_token,
                 "pad_token": meta.pad_token, "chat_template": meta.chat_template,
-                "model_max_length": served.engine.context,
+                "model_max_length": served.codec.context,
                 "vocab_size": served.loaded.tokenizer.get_vocab_size(with_added_tokens=True),
                 "special_tokens": meta.specials, "stop_token_ids": list(meta.stop_ids)}
 

@@ -5,8 +5,9 @@ Generation is a `Batch` of running sequences advanced one token per `step`.
 Requests join a running batch between steps (`join`: their prompts are prefilled
 together, then their cache slots are right-aligned with the running rows'), and a
 finished sequence leaves the batch at once, so concurrent clients share every
-decode step (continuous batching). `Batcher` drives this on one worker thread that
-owns the model; `Engine.generate` runs a fixed list of requests to completion.
+decode step (continuous batching). `BatchLoop` drives this in the one thread that
+owns the model (`Batcher`: a thread of this process; the server: an engine process,
+serve/engine_process.py); `Engine.generate` runs a fixed list of requests to completion.
 """
 
 from __future__ import annotations
@@ -82,14 +83,15 @@ def _logprob_entry(logprobs: torch.Tensor, token: int, top_n: int) -> TokenLogpr
     return TokenLogprob(token, float(logprobs[token]), alts)
 
 
-class Engine:
+class TextCodec:
+    """The tokenizer side of a served model: what the HTTP layer needs (encode, decode,
+    context window) without the weights, so it also runs where the model does not."""
+
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 32):
         self.m = loaded
         self.max_batch = max_batch
         self.context = loaded.config.max_seq_len
-        fuse_projections(loaded.model)
 
-    # ---------------------------------------------------------------- text helpers
     def decode(self, ids: list[int]) -> str:
         return self.m.tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -98,6 +100,14 @@ class Engine:
 
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id])
+
+
+class Engine(TextCodec):
+    def __init__(self, loaded: LoadedModel, *, max_batch: int = 32):
+        if loaded.model is None:
+            raise ValueError(f"model {loaded.name!r} was loaded without its weights")
+        super().__init__(loaded, max_batch=max_batch)
+        fuse_projections(loaded.model)
 
     # ---------------------------------------------------------------- batch life cycle
     @torch.no_grad()
@@ -166,8 +176,8 @@ class Engine:
         callback gets the result); the rest run one decode step."""
         dev = self.m.device
         if dev.type == "cuda":
-            # Wait for the GPU with the GIL released, so HTTP threads can run meanwhile
-            # (.tolist() below would otherwise block holding it).
+            # Wait for the GPU with the GIL released (.tolist() below would wait holding
+            # it), so other threads of this process run meanwhile.
             torch.cuda.synchronize(dev)
         greedy = batch.logits.argmax(-1).tolist()  # one op for every greedy row
         still, new_tokens = [], []
@@ -266,21 +276,69 @@ class Engine:
         return out
 
 
-class Batcher:
-    """One worker thread owns the engine. Between decode steps it takes every request
-    that has arrived (up to max_batch running), prefills them and joins them to the
-    running batch; each request's future resolves the moment its sequence ends."""
+Resolve = Callable[[object], None]  # called once with the Result or the Exception
+Take = Callable[[bool, int], "list[tuple[Request, Resolve]] | None"]
+OnBatch = Callable[[int, float], None]  # after each decode step: sequences in it, its wall seconds
 
-    def __init__(self, engine: Engine, *, wait_ms: float = 2.0, on_batch: Callable[[int], None] | None = None):
+
+class BatchLoop:
+    """Continuous batching. Between decode steps it takes every request that has arrived
+    (up to max_batch running), prefills them together and joins them to the running
+    batch; each request is resolved the moment its sequence ends.
+
+    `take(block, limit)` supplies new requests: it may block only when nothing is
+    running, and returns None to stop the loop. A thread-local queue (`Batcher`) or
+    the pipe of an engine process (`serve/engine_process.py`) provides it."""
+
+    def __init__(self, engine: Engine, take: Take, on_batch: OnBatch | None = None):
+        self.engine, self.take, self.on_batch = engine, take, on_batch
+
+    def run(self) -> None:
+        batch: Batch | None = None
+        while True:
+            running = len(batch) if batch is not None else 0
+            new = self.take(batch is None, self.engine.max_batch - running)
+            if new is None:
+                if batch is not None:
+                    for seq in batch.seqs:
+                        seq.done(RuntimeError("the engine is shutting down"))
+                return
+            if new:
+                try:
+                    joined = self.engine.prefill([r for r, _ in new], [resolve for _, resolve in new])
+                    if joined is not None:
+                        batch = joined if batch is None else self.engine.join(batch, joined)
+                except Exception as exc:  # noqa: BLE001 - fail the new requests, keep the running ones
+                    for _, resolve in new:
+                        resolve(exc)
+            if batch is None:
+                continue
+            try:
+                size, started = len(batch), time.perf_counter()
+                batch = self.engine.step(batch)
+                if self.on_batch:
+                    self.on_batch(size, time.perf_counter() - started)
+            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
+                for seq in batch.seqs:
+                    seq.done(exc)
+                batch = None
+
+
+class Batcher:
+    """Continuous batching on a worker thread of this process (the `zerolm eval` CLI,
+    tests). The server runs the same loop in an engine process instead, so the model's
+    Python work never holds the HTTP process's GIL."""
+
+    def __init__(self, engine: Engine, *, wait_ms: float = 2.0, on_batch: OnBatch | None = None):
         self.engine, self.wait = engine, wait_ms / 1000
-        self.on_batch = on_batch
         self.queue: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name=f"engine-{engine.m.name}", daemon=True)
+        loop = BatchLoop(engine, self._take, on_batch)
+        self.thread = threading.Thread(target=loop.run, name=f"engine-{engine.m.name}", daemon=True)
         self.thread.start()
 
     def submit(self, request: Request) -> Future:
         fut: Future = Future()
-        self.queue.put((request, fut))
+        self.queue.put((request, resolver(fut)))
         return fut
 
     def _take(self, block: bool, limit: int) -> list:
@@ -298,35 +356,9 @@ class Batcher:
             pass
         return items
 
-    def _loop(self) -> None:
-        batch: Batch | None = None
-        while True:
-            running = len(batch) if batch is not None else 0
-            new = self._take(block=batch is None, limit=self.engine.max_batch - running)
-            if new:
-                try:
-                    joined = self.engine.prefill([r for r, _ in new], [self._resolver(f) for _, f in new])
-                    if joined is not None:
-                        batch = joined if batch is None else self.engine.join(batch, joined)
-                except Exception as exc:  # noqa: BLE001 - fail the new requests, keep the running ones
-                    for _, fut in new:
-                        if not fut.done():
-                            fut.set_exception(exc)
-            if batch is None:
-                continue
-            try:
-                if self.on_batch:
-                    self.on_batch(len(batch))
-                batch = self.engine.step(batch)
-                time.sleep(0)  # yield the GIL: request handlers must get in between steps
-            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
-                for seq in batch.seqs:
-                    seq.done(exc)
-                batch = None
 
-    @staticmethod
-    def _resolver(fut: Future) -> Callable:
-        def resolve(outcome) -> None:
-            if not fut.done():
-                (fut.set_exception if isinstance(outcome, Exception) else fut.set_result)(outcome)
-        return resolve
+def resolver(fut: Future) -> Resolve:
+    def resolve(outcome) -> None:
+        if not fut.done():
+            (fut.set_exception if isinstance(outcome, Exception) else fut.set_result)(outcome)
+    return resolve

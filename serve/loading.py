@@ -34,7 +34,7 @@ class LoadedModel:
     name: str
     path: Path
     config: ModelConfig
-    model: Transformer
+    model: Transformer | None  # None: tokenizer side only (the server's HTTP process)
     tokenizer: Tokenizer
     meta: TokenizerMeta
     device: torch.device
@@ -65,13 +65,24 @@ def _tokenizer_meta(model_dir: Path, tok: Tokenizer) -> TokenizerMeta:
                          pad_token=cfg.get("pad_token"), chat_template=template, specials=specials, stop_ids=stops)
 
 
-def load_model(name: str, path: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(name: str, path: str | Path, device: str = "auto", dtype: str = "auto", *,
+               weights: bool = True) -> LoadedModel:
+    """Config, tokenizer and (unless weights=False) the weights on device."""
     model_dir = find_model_dir(path)
     cfg = ModelConfig.load(model_dir)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     dt = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(f"{model_dir} has no tokenizer.json")
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    model = _load_weights(model_dir, cfg, dev, dt) if weights else None
+    return LoadedModel(name=name, path=model_dir, config=cfg, model=model, tokenizer=tok,
+                       meta=_tokenizer_meta(model_dir, tok), device=dev, dtype=dt)
+
+
+def _load_weights(model_dir: Path, cfg: ModelConfig, dev: torch.device, dt: torch.dtype) -> Transformer:
     state = from_hf_state_dict(load_file(str(model_dir / "model.safetensors")))
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -81,8 +92,4 @@ def load_model(name: str, path: str | Path, device: str = "auto", dtype: str = "
                         f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
     model = model.to(device=dev, dtype=dt).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep RoPE tables fp32
-    if not (model_dir / "tokenizer.json").is_file():
-        raise UserError(f"{model_dir} has no tokenizer.json")
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return LoadedModel(name=name, path=model_dir, config=cfg, model=model, tokenizer=tok,
-                       meta=_tokenizer_meta(model_dir, tok), device=dev, dtype=dt)
+    return model

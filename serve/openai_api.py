@@ -44,7 +44,7 @@ class Prepared:
 def prompts_of(req: CompletionRequest, served: ServedModel) -> list[Prepared]:
     """A string, a list of strings, token ids, or a list of token-id lists. Token ids
     are used as given: no re-tokenizing, nothing added."""
-    eng, p = served.engine, req.prompt
+    eng, p = served.codec, req.prompt
     vocab = served.loaded.config.vocab_size
     if isinstance(p, str):
         items = [p]
@@ -69,7 +69,7 @@ def prompts_of(req: CompletionRequest, served: ServedModel) -> list[Prepared]:
 
 
 def check_lengths(served: ServedModel, prompt_len: int, max_tokens: int, n_choices: int) -> None:
-    ctx = served.engine.context
+    ctx = served.codec.context
     if n_choices > MAX_CHOICES:
         raise APIError(400, f"at most {MAX_CHOICES} choices per request (prompts x n), got {n_choices}", param="n")
     if max_tokens > MAX_TOKENS_LIMIT:
@@ -115,7 +115,7 @@ def completion_requests(req: CompletionRequest, served: ServedModel) -> tuple[li
 
 def _logprobs_block(served: ServedModel, entries: list[TokenLogprob | None], token_ids: list[int],
                     offset0: int) -> dict:
-    tok_text = served.engine.token_text
+    tok_text = served.codec.token_text
     tokens, token_lps, tops, offsets, pos = [], [], [], [], offset0
     for tid, e in zip(token_ids, entries):
         text = tok_text(tid)
@@ -170,7 +170,7 @@ def chat_requests(req: ChatRequest, served: ServedModel) -> tuple[list[int], lis
     ids = render_chat(req, served)
     max_tokens = req.max_completion_tokens or req.max_tokens
     if max_tokens is None:
-        max_tokens = min(512, served.engine.context - len(ids))
+        max_tokens = min(512, served.codec.context - len(ids))
     check_lengths(served, len(ids), max_tokens, req.n)
     top = (req.top_logprobs or 0) if req.logprobs else None
     return ids, [Request(ids, sampling(req, served, max_tokens, k, top, served.loaded.meta.stop_ids))
@@ -178,7 +178,7 @@ def chat_requests(req: ChatRequest, served: ServedModel) -> tuple[list[int], lis
 
 
 def _chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> dict:
-    text = served.engine.token_text
+    text = served.codec.token_text
 
     def item(tid, lp):
         t = text(tid)

@@ -5,22 +5,32 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from serve.engine import Batcher, Engine
+import torch
+
+from serve.engine import Batcher, Engine, TextCodec
 from serve.loading import LoadedModel, load_model
 from zerolm.errors import UserError
+
+if TYPE_CHECKING:
+    from serve.engine_process import EngineClient
 
 
 @dataclass
 class ServedModel:
     name: str
-    engine: Engine
-    batcher: Batcher
+    codec: TextCodec  # tokenizer, chat metadata, context window
+    batcher: "Batcher | EngineClient"  # submit(Request) -> Future
     created: int
 
     @property
     def loaded(self) -> LoadedModel:
-        return self.engine.m
+        return self.codec.m
+
+    @property
+    def alive(self) -> bool:
+        return getattr(self.batcher, "alive", True)
 
 
 class Registry:
@@ -28,13 +38,31 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
 
     def add(self, name: str, path: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
-            wait_ms: float = 5.0, on_batch=None) -> ServedModel:
+            wait_ms: float = 5.0, on_batch=None, engine_process: bool = True) -> ServedModel:
+        """engine_process: run the model in its own process (the server's default, see
+        serve/engine_process.py); False runs it on a thread of this one."""
         if name in self.models:
             raise UserError(f"model name {name!r} given twice")
-        engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch)
-        served = ServedModel(name, engine, Batcher(engine, wait_ms=wait_ms, on_batch=on_batch), int(time.time()))
+        if engine_process:
+            from serve.engine_process import EngineClient
+
+            loaded = load_model(name, path, device=device, dtype=dtype, weights=False)  # bad folders fail here
+            batcher = EngineClient(name, str(loaded.path), device=device, dtype=dtype, max_batch=max_batch,
+                                   wait_ms=wait_ms, on_batch=on_batch)
+            loaded.device, loaded.dtype = torch.device(batcher.device), getattr(torch, batcher.dtype)
+            codec = TextCodec(loaded, max_batch=max_batch)
+        else:
+            engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch)
+            codec, batcher = engine, Batcher(engine, wait_ms=wait_ms, on_batch=on_batch)
+        served = ServedModel(name, codec, batcher, int(time.time()))
         self.models[name] = served
         return served
+
+    def close(self) -> None:
+        for served in self.models.values():
+            close = getattr(served.batcher, "close", None)
+            if close:
+                close()
 
     def get(self, name: str | None) -> ServedModel | None:
         if name is None and len(self.models) == 1:

@@ -8,14 +8,19 @@ from zerolm.errors import UserError
 
 
 def build_app(model_specs: list[str], *, api_key: str | None = None, device: str = "auto", dtype: str = "auto",
-              max_batch: int = 32, wait_ms: float = 5.0, max_body_bytes: int = 8 << 20):
+              max_batch: int = 32, wait_ms: float = 5.0, max_body_bytes: int = 8 << 20,
+              engine_process: bool = True):
     if not model_specs:
         raise UserError("no model to serve: give --model NAME=DIR (a run folder or its hf/ export)")
     metrics = Metrics()
     registry = Registry()
-    for name, path in parse_model_specs(model_specs):
-        registry.add(name, path, device=device, dtype=dtype, max_batch=max_batch, wait_ms=wait_ms,
-                     on_batch=metrics.batch.observe)
+    try:
+        for name, path in parse_model_specs(model_specs):
+            registry.add(name, path, device=device, dtype=dtype, max_batch=max_batch, wait_ms=wait_ms,
+                         on_batch=metrics.observe_step, engine_process=engine_process)
+    except BaseException:
+        registry.close()  # engines already started for earlier models
+        raise
     return create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
 
 
@@ -25,4 +30,7 @@ def serve(model_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, 
     app = build_app(model_specs, **kwargs)
     names = ", ".join(sorted(app.state.registry.models))
     print(f"serving {names} at http://{host}:{port}  (OpenAI API under /v1; /health, /metrics)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        app.state.registry.close()

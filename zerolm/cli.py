@@ -159,7 +159,7 @@ def cmd_serve(args) -> int:
     from serve.server import serve
 
     serve(args.model or [], host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          dtype=args.dtype, max_batch=args.max_batch)
+          dtype=args.dtype, max_batch=args.max_batch, engine_process=not args.engine_thread)
     return 0
 
 
@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    srv.add_argument("--engine-thread", action="store_true",
+                     help="run the model on a thread of the HTTP process instead of its own process "
+                          "(slower under load: both share one GIL)")
     srv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate a model: bits per byte, CMMLU/C-Eval, ARC")

@@ -54,17 +54,17 @@ class BatcherScorer:
     def __init__(self, served):  # serve.registry.ServedModel (not imported: no cycle with the app)
         self.served = served
         self.name = served.name
-        self.context = served.engine.context
+        self.context = served.codec.context
         self.doc_start_id = served.loaded.meta.specials.get(DOC_START)
 
     def encode(self, text: str) -> list[int]:
-        return self.served.engine.encode(text)  # the tokenizer is thread-safe; the model is not touched
+        return self.served.codec.encode(text)  # the tokenizer is thread-safe; the model is not touched
 
     def score(self, seqs: list[list[int]]) -> list[list[TokenLogprob | None]]:
         # Submit at most one engine batch at a time, so completion requests that arrive
         # during a long evaluation wait for one batch, not for the whole evaluation.
         out: list[list[TokenLogprob | None]] = []
-        step = self.served.engine.max_batch
+        step = self.served.codec.max_batch
         for i in range(0, len(seqs), step):
             futures = [self.served.batcher.submit(
                 Request(list(s), SamplingParams(max_tokens=0, logprobs=0), prompt_logprobs=True))

@@ -1,0 +1,203 @@
+"""The server's engine in a process of its own.
+
+The HTTP layer (uvicorn, request parsing, tokenizing, JSON) and the model's decode
+loop are both Python. In one process they share one GIL, and a decode loop that is
+mostly kernel launches (a GPU) holds it nearly all the time: request handlers then get
+it only every switch interval (5 ms) and lose it at every socket call, so requests
+trickle into the batch instead of arriving together. Here the loop runs in a spawned
+process that owns the model; the HTTP process keeps the tokenizer only. They talk over
+one pipe:
+
+    parent -> engine   ("submit", id, Request, stream)   ("close",)
+    engine -> parent   ("ready", device, dtype) | ("load_error", message)   at start
+                       ("done", id, Result | Exception)   ("text", id, delta)   ("batch", n, seconds)
+
+`EngineClient.submit` returns a Future, the same interface as the in-process
+`Batcher`. If the engine process dies, every pending and later request fails with a
+clear error instead of hanging, and `alive` turns False (the server's /health
+reports it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import multiprocessing as mp
+import pickle
+import signal
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Callable
+
+from serve.engine import BatchLoop, Engine, OnBatch, Request, resolver
+from zerolm.errors import UserError
+
+
+class EngineDied(RuntimeError):
+    pass
+
+
+class EngineClient:
+    """Parent side: starts the engine process, sends requests, resolves their futures."""
+
+    def __init__(self, name: str, path: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
+                 wait_ms: float = 5.0, on_batch: OnBatch | None = None):
+        self.name, self.on_batch = name, on_batch
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=engine_main, name=f"zerolm-engine-{name}", daemon=True,
+                                args=(child_conn, name, str(path), device, dtype, max_batch, wait_ms))
+        self.proc.start()
+        child_conn.close()  # the child's end lives in the child: EOF here when it exits
+        self.device, self.dtype = self._wait_ready()
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[Future, Callable[[str], None] | None]] = {}
+        self._lock = threading.Lock()  # guards _pending, _dead and sending on the pipe
+        self._dead: str | None = None
+        self._receiver = threading.Thread(target=self._receive, name=f"engine-rx-{name}", daemon=True)
+        self._receiver.start()
+
+    def _wait_ready(self) -> tuple[str, str]:
+        while not self.conn.poll(0.5):
+            if not self.proc.is_alive():
+                raise UserError(f"model {self.name!r}: the engine process exited while loading "
+                                f"(exit code {self.proc.exitcode})")
+        try:
+            msg = self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(5)
+            raise UserError(f"model {self.name!r}: the engine process exited while loading "
+                            f"(exit code {self.proc.exitcode})") from None
+        if msg[0] == "load_error":
+            self.proc.join(5)
+            raise UserError(msg[1])
+        return msg[1], msg[2]
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def submit(self, request: Request) -> Future:
+        fut: Future = Future()
+        wire = dataclasses.replace(request, on_text=None)  # callbacks stay here; text arrives as messages
+        with self._lock:
+            if self._dead is not None:
+                fut.set_exception(EngineDied(self._dead))
+                return fut
+            rid = next(self._ids)
+            self._pending[rid] = (fut, request.on_text)
+            try:
+                self.conn.send(("submit", rid, wire, request.on_text is not None))
+            except (OSError, ValueError) as exc:
+                del self._pending[rid]
+                fut.set_exception(EngineDied(f"model {self.name!r}: cannot reach the engine process ({exc})"))
+        return fut
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "batch":
+                if self.on_batch:
+                    self.on_batch(msg[1], msg[2])
+            elif kind == "text":
+                entry = self._pending.get(msg[1])
+                if entry is not None and entry[1] is not None:
+                    entry[1](msg[2])
+            elif kind == "done":
+                with self._lock:
+                    entry = self._pending.pop(msg[1], None)
+                if entry is not None:
+                    resolver(entry[0])(msg[2])
+        self.proc.join(5)
+        with self._lock:
+            self._dead = (f"model {self.name!r}: the engine process exited (exit code {self.proc.exitcode}); "
+                          "restart the server")
+            pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            resolver(fut)(EngineDied(self._dead))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the engine process (running requests fail); safe to call twice."""
+        with self._lock:
+            try:
+                self.conn.send(("close",))
+            except (OSError, ValueError):
+                pass
+        self.proc.join(timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout)
+
+
+# ---------------------------------------------------------------------- engine process
+def engine_main(conn, name: str, path: str, device: str, dtype: str, max_batch: int, wait_ms: float) -> None:
+    """Entry point of the engine process: load, report, then run the batch loop until
+    the parent closes the pipe or asks to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the server stops this
+    from serve.loading import load_model
+
+    try:
+        engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch)
+    except Exception as exc:  # noqa: BLE001 - any load failure goes back to the parent as one line
+        conn.send(("load_error", str(exc) if isinstance(exc, UserError) else
+                   f"model {name!r}: cannot load {path}: {type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", str(engine.m.device), str(engine.m.dtype).removeprefix("torch.")))
+    source = _PipeSource(conn, wait_ms / 1000)
+    BatchLoop(engine, source.take, on_batch=lambda n, secs: source.send(("batch", n, secs))).run()
+
+
+class _PipeSource:
+    """Requests from the parent's pipe, read only between decode steps: everything that
+    has arrived is drained at once, so a burst of requests is prefilled together."""
+
+    def __init__(self, conn, wait_s: float):
+        self.conn, self.wait = conn, wait_s
+        self.backlog: deque = deque()  # received, not yet admitted (over max_batch)
+        self.closed = False
+
+    def send(self, msg) -> None:
+        try:
+            self.conn.send(msg)
+        except (OSError, ValueError):
+            self.closed = True  # the parent is gone; the loop stops at the next take
+
+    def take(self, block: bool, limit: int):
+        if self.closed:
+            return None
+        try:
+            if block and not self.backlog:
+                self._handle(self.conn.recv())
+                if self.conn.poll(self.wait):  # let a burst arrive together
+                    self._handle(self.conn.recv())
+            while not self.closed and self.conn.poll(0):
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            self.closed = True
+        if self.closed:
+            return None
+        return [self.backlog.popleft() for _ in range(min(max(limit, 0), len(self.backlog)))]
+
+    def _handle(self, msg) -> None:
+        if msg[0] == "close":
+            self.closed = True
+            return
+        _, rid, request, stream = msg
+        if stream:
+            request.on_text = lambda text, rid=rid: self.send(("text", rid, text))
+        self.backlog.append((request, lambda outcome, rid=rid: self.send(("done", rid, _picklable(outcome)))))
+
+
+def _picklable(outcome):
+    """A Result, or an exception the parent can rebuild (else its text)."""
+    if isinstance(outcome, Exception):
+        try:
+            pickle.loads(pickle.dumps(outcome))
+        except Exception:  # noqa: BLE001
+            return RuntimeError(f"{type(outcome).__name__}: {outcome}")
+    return outcome

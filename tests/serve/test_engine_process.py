@@ -1,0 +1,111 @@
+"""The server's engine process: load errors reach the user as one line, a dead engine
+fails requests at once (503) instead of hanging, and stopping the server stops it."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.serve.test_server import free_port
+
+
+def start_server(model_dir, port: int) -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"tiny={model_dir}",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited: " + proc.stdout.read())
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def engine_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(proc.pid).children(recursive=True)
+            if "multiprocessing.spawn" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+
+
+def decode_steps(url: str) -> float:
+    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
+    return float(next(ln.split()[-1] for ln in lines if ln.startswith("zerolm_batch_size_count")))
+
+
+def test_weights_that_do_not_load_are_a_one_line_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir / "hf", broken)
+    cfg = json.loads((broken / "model_config.json").read_text())
+    cfg["n_layers"] += 1  # the weights no longer match: found only by the engine process
+    (broken / "model_config.json").write_text(json.dumps(cfg))
+    proc = start_server(broken, free_port())
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, out
+    lines = [ln for ln in out.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("zerolm: error:") and "weights do not match" in lines[0], out
+
+
+@pytest.mark.slow
+def test_dead_engine_fails_requests_and_health_then_server_stops_cleanly(tiny_model_dir):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(tiny_model_dir, port)
+    try:
+        wait_healthy(proc, url)
+        (engine,) = engine_children(proc)
+        # 32 choices x 240 tokens: seconds of decoding on CPU
+        body = {"model": "tiny", "prompt": "中华人民共和国", "max_tokens": 240, "n": 32, "temperature": 0,
+                "ignore_eos": True}
+        steps0 = decode_steps(url)
+        with cf.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(httpx.post, url + "/v1/completions", json=body, timeout=60)
+            while decode_steps(url) < steps0 + 5:  # the request is decoding now
+                time.sleep(0.02)
+            engine.send_signal(signal.SIGKILL)
+            r = running.result()
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert err["code"] == "engine_unavailable" and "exited" in err["message"]
+        started = time.time()
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 503 and time.time() - started < 5  # fails at once, never hangs
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["dead"] == ["tiny"]
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=30)
+    assert not psutil.pid_exists(engine.pid) or engine.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.slow
+def test_stopping_the_server_stops_its_engine(tiny_model_dir):
+    port = free_port()
+    proc = start_server(tiny_model_dir, port)
+    wait_healthy(proc, f"http://127.0.0.1:{port}")
+    (engine,) = engine_children(proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    engine.wait(timeout=30)
+    out = proc.stdout.read()
+    assert "Traceback" not in out, out
