@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from serve.kv import KVCache, forward_cached, fuse_projections
+from serve.kv import KVCache, forward_cached, prepare_serving
 from serve.loading import LoadedModel
 from serve.sampling import SamplingParams, next_token
 
@@ -59,17 +59,20 @@ class _Seq:
     req: Request
     res: Result
     done: Callable[[Result], None]
-    next_pos: int  # RoPE position of the next token to feed
     generator: torch.Generator
     seen: torch.Tensor | None  # ids so far, only with a repetition penalty
     streamed: str = ""
 
 
 class Batch:
-    """Running sequences: rows of the cache, their key masks and next-token logits."""
+    """Running sequences: rows of the cache, their key masks, next-token logits and the
+    RoPE position of the next token each row feeds (kept on the device: a decode step
+    then copies nothing from the host unless rows leave or sample)."""
 
-    def __init__(self, seqs: list[_Seq], cache: KVCache, key_valid: torch.Tensor, logits: torch.Tensor):
+    def __init__(self, seqs: list[_Seq], cache: KVCache, key_valid: torch.Tensor, logits: torch.Tensor,
+                 positions: torch.Tensor):
         self.seqs, self.cache, self.key_valid, self.logits = seqs, cache, key_valid, logits
+        self.positions = positions  # (B,) long
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -107,7 +110,7 @@ class Engine(TextCodec):
         if loaded.model is None:
             raise ValueError(f"model {loaded.name!r} was loaded without its weights")
         super().__init__(loaded, max_batch=max_batch)
-        fuse_projections(loaded.model)
+        prepare_serving(loaded.model)
 
     # ---------------------------------------------------------------- batch life cycle
     @torch.no_grad()
@@ -140,7 +143,7 @@ class Engine(TextCodec):
                 continue
             seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
             seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
-            seqs.append(_Seq(r, res, cb, lens[i], torch.Generator().manual_seed(seed), seen))
+            seqs.append(_Seq(r, res, cb, torch.Generator().manual_seed(seed), seen))
             rows.append(i)
         if not seqs:
             return None
@@ -148,7 +151,7 @@ class Engine(TextCodec):
         keep = torch.tensor(rows, device=dev)
         if len(rows) < B:
             cache.keep_rows(keep)
-        return Batch(seqs, cache, key_valid[keep], logits[keep])
+        return Batch(seqs, cache, key_valid[keep], logits[keep], torch.tensor(lens, device=dev)[keep])
 
     @torch.no_grad()
     def join(self, a: Batch, b: Batch) -> Batch:
@@ -161,14 +164,13 @@ class Engine(TextCodec):
         row = 0
         for part in (a, b):
             n, off = len(part), S - part.cache.length
-            for layer in range(len(cache.k)):
-                cache.k[layer][row:row + n, :, off:S] = part.cache.k[layer][:, :, :part.cache.length]
-                cache.v[layer][row:row + n, :, off:S] = part.cache.v[layer][:, :, :part.cache.length]
+            cache.put_rows(row, off, part.cache)
             key_valid[row:row + n, :off] = False
             key_valid[row:row + n, off:S] = part.key_valid[:, :part.cache.length]
             row += n
         cache.length = S
-        return Batch(a.seqs + b.seqs, cache, key_valid, torch.cat([a.logits, b.logits]))
+        return Batch(a.seqs + b.seqs, cache, key_valid, torch.cat([a.logits, b.logits]),
+                     torch.cat([a.positions, b.positions]))
 
     @torch.no_grad()
     def step(self, batch: Batch) -> Batch | None:
@@ -179,14 +181,15 @@ class Engine(TextCodec):
             # Wait for the GPU with the GIL released (.tolist() below would wait holding
             # it), so other threads of this process run meanwhile.
             torch.cuda.synchronize(dev)
-        greedy = batch.logits.argmax(-1).tolist()  # one op for every greedy row
-        still, new_tokens = [], []
+        greedy_ids = batch.logits.argmax(-1)  # (B,) one op for every greedy row
+        greedy = greedy_ids.tolist()
+        still, new_tokens, all_greedy = [], [], True
         for row, seq in enumerate(batch.seqs):
             p, res = seq.req.params, seq.res
             if p.temperature <= 0 and seq.seen is None:
                 tok = greedy[row]
             else:
-                tok = next_token(batch.logits[row], p, seq.seen, seq.generator)
+                tok, all_greedy = next_token(batch.logits[row], p, seq.seen, seq.generator), False
             if p.logprobs is not None:
                 res.output_logprobs = res.output_logprobs or []
                 res.output_logprobs.append(_logprob_entry(torch.log_softmax(batch.logits[row], -1), tok, p.logprobs))
@@ -207,13 +210,12 @@ class Engine(TextCodec):
         if len(still) < len(batch):
             keep = torch.tensor(still, device=dev)
             batch.cache.keep_rows(keep)
-            batch.key_valid = batch.key_valid[keep]
+            batch.key_valid, batch.positions = batch.key_valid[keep], batch.positions[keep]
             batch.seqs = [batch.seqs[k] for k in still]
-        pos = torch.tensor([[s.next_pos] for s in batch.seqs], device=dev)  # (B', 1)
-        for s in batch.seqs:
-            s.next_pos += 1
-        batch.logits = forward_cached(self.m.model, batch.cache, torch.tensor(new_tokens, device=dev)[:, None], pos,
-                                      batch.key_valid)
+            greedy_ids = greedy_ids[keep]
+        tokens = greedy_ids if all_greedy else torch.tensor(new_tokens, device=dev)
+        pos, batch.positions = batch.positions, batch.positions + 1
+        batch.logits = forward_cached(self.m.model, batch.cache, tokens[:, None], pos[:, None], batch.key_valid)
         return batch
 
     def generate(self, requests: list[Request]) -> list[Result]:

@@ -1,69 +1,112 @@
 """Inference forward with a KV cache over a batch of left-padded sequences.
 
-Uses the trained Transformer's own weights, norms and RoPE tables, so what is served
-is exactly what was trained. Sequences of different lengths share a batch: prompts
-are left-padded to a common length, each row has its own RoPE positions (0 at its
-first real token) and a key mask that hides its padding.
+Uses the trained Transformer's own weights and RoPE tables, so what is served is
+exactly what was trained. Sequences of different lengths share a batch: prompts are
+left-padded to a common length, each row has its own RoPE positions (0 at its first
+real token) and a key mask that hides its padding.
 
-Decoding is many small steps, so the per-step work is kept lean: q/k/v and
-gate/up projections run as one matmul each (`fuse_projections` makes the separate
-weights views into one tensor: no copy, training code unchanged), shared kv heads are
-attended without copying them, and a decode step needs no causal mask.
+Decoding is many small steps, and at small batch a step's time is the number of
+operations it launches (Python and dispatch on CPU, kernel launches on a GPU), not
+arithmetic. So the step is written as few operations as possible: per layer the
+weights are plain tensors (no module calls); q/k/v and gate/up are one matmul each
+(`prepare_serving` makes the separate Linear weights views of one fused tensor: no
+copy, training code unchanged); RoPE rotates q and k together in four operations;
+RMSNorm is one fused op; a step slices the cache once for all layers; shared kv heads
+are attended without copying them; a decode step needs no causal mask.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.model import Transformer, apply_rope
+from train.model import Transformer
+
+
+@dataclass
+class ServingWeights:
+    """What the cached forward reads, as plain tensors."""
+
+    layers: list[tuple]  # per layer: (norm1, wqkv, bqkv, wo, bo, norm2, w13, b13, w2, b2)
+    final_norm: torch.Tensor
+    output: torch.Tensor
+    sin_signed: torch.Tensor  # (T_max, D) fp32: sin with its first half negated (see _rope)
+    eps: float
+
+
+def _fuse(owner: nn.Module, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight tensor for several Linears, which become views of it."""
+    linears = [getattr(owner, n) for n in names]
+    fused = torch.cat([lin.weight for lin in linears], dim=0).contiguous()
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
+        start += rows
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    return fused, bias
 
 
 @torch.no_grad()
-def fuse_projections(model: Transformer) -> None:
-    """Store wq|wk|wv and w1|w3 of each layer in one tensor; the original Linear
-    weights become views of it (same values, same state-dict names)."""
+def prepare_serving(model: Transformer) -> ServingWeights:
+    """Fuse projections and collect the weights the cached forward uses (once per model)."""
+    if getattr(model, "serving", None) is not None:
+        return model.serving
+    layers = []
     for layer in model.layers:
         att, ff = layer.attention, layer.feed_forward
-        if getattr(att, "wqkv", None) is not None or att.wq.bias is not None:
-            continue  # already fused, or biases (kept on the simple path)
-        for owner, names, fused_name in ((att, ("wq", "wk", "wv"), "wqkv"), (ff, ("w1", "w3"), "w13")):
-            fused = torch.cat([getattr(owner, n).weight for n in names], dim=0).contiguous()
-            start = 0
-            for n in names:
-                lin = getattr(owner, n)
-                rows = lin.weight.shape[0]
-                lin.weight = nn.Parameter(fused[start:start + rows], requires_grad=False)
-                start += rows
-            setattr(owner, fused_name, fused)
+        wqkv, bqkv = _fuse(att, ("wq", "wk", "wv"))
+        w13, b13 = _fuse(ff, ("w1", "w3"))
+        layers.append((layer.attention_norm.weight, wqkv, bqkv, att.wo.weight, att.wo.bias,
+                       layer.ffn_norm.weight, w13, b13, ff.w2.weight, ff.w2.bias))
+    half = model.cfg.head_dim // 2
+    sin = model.rope_sin.float()
+    sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+    model.serving = ServingWeights(layers, model.norm.weight, model.output.weight, sin_signed, model.cfg.norm_eps)
+    return model.serving
 
 
 class KVCache:
-    """Per layer keys/values (B, n_kv_heads, max_len, head_dim); slot t of every row is
-    filled at the same step, so one `length` covers the batch."""
+    """Keys and values of every layer, one tensor each: (n_layers, B, n_kv_heads,
+    max_len, head_dim). Slot t of every row is filled at the same step, so one
+    `length` covers the batch, and a forward takes its per-layer views of the slots it
+    writes and the keys it reads with one slice for all layers."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int):
         cfg = model.cfg
         p = next(model.parameters())
-        shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in range(cfg.n_layers)]
+        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        # zeros, not empty: a padding slot is masked out, but 0 x NaN would still be NaN
+        self.k = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        self.v = torch.zeros(shape, device=p.device, dtype=p.dtype)
         self.length = 0
         self.max_len = max_len
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished sequences from the batch."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
+        self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+
+    def put_rows(self, row: int, slot: int, other: "KVCache") -> None:
+        """Copy other's rows to rows [row, row + len), its slot 0 to slot `slot`."""
+        n, length = other.k.shape[1], other.length
+        self.k[:, row:row + n, :, slot:slot + length] = other.k[:, :, :, :length]
+        self.v[:, row:row + n, :, slot:slot + length] = other.v[:, :, :, :length]
 
 
-def _project(h: torch.Tensor, owner: nn.Module, fused_name: str, names: tuple[str, ...]) -> list[torch.Tensor]:
-    fused = getattr(owner, fused_name, None)
-    if fused is not None:
-        sizes = [getattr(owner, n).weight.shape[0] for n in names]
-        return list(F.linear(h, fused).split(sizes, dim=-1))
-    return [getattr(owner, n)(h) for n in names]
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as training computes it: normalised in fp32, cast back, then scaled."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Training's rotate-half RoPE, x * cos + cat(-x2, x1) * sin, in four operations:
+    roll(x) is cat(x2, x1), and the sign sits in the table. Bit-identical."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, -1) * sin_signed
 
 
 @torch.no_grad()
@@ -75,13 +118,16 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids: torch.Tensor, 
     length + T: False for padding slots. Returns fp32 logits (B, T, V) if all_logits
     else (B, V) for the last slot."""
     cfg = model.cfg
+    sw = prepare_serving(model)
     B, T = input_ids.shape
-    K, rep, D = cfg.kv_heads, cfg.n_heads // cfg.kv_heads, cfg.head_dim
+    H, K, D, C = cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.dim
+    rep = H // K
     start, S = cache.length, cache.length + T
     if S > cache.max_len:
         raise ValueError(f"sequence of {S} tokens exceeds the cache of {cache.max_len}")
-    cos = model.rope_cos[positions].unsqueeze(1)  # (B, 1, T, D)
-    sin = model.rope_sin[positions].unsqueeze(1)  # (B, 1, T, D)
+    dtype = cache.k.dtype
+    cos = model.rope_cos[positions].unsqueeze(1).to(dtype)  # (B, 1, T, D)
+    sin = sw.sin_signed[positions].unsqueeze(1).to(dtype)  # (B, 1, T, D)
     valid = key_valid[:, None, None, :S]  # (B, 1, 1, S)
     if T > 1:
         q_index = torch.arange(start, S, device=input_ids.device)  # (T,)
@@ -94,25 +140,22 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids: torch.Tensor, 
     # Query heads sharing a kv head attend as one group of rep*T queries, so the
     # cached keys/values are read in place instead of being repeated per head.
     mask = mask.repeat(1, 1, rep, 1) if rep > 1 and T > 1 else mask  # rows r*T + t -> t: (B, 1, rep*T, S)
-    x = model.tok_embeddings(input_ids)  # (B, T, C)
-    for i, layer in enumerate(model.layers):
-        att = layer.attention
-        h = layer.attention_norm(x)
-        q, k, v = _project(h, att, "wqkv", ("wq", "wk", "wv"))
-        q = q.view(B, T, cfg.n_heads, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.k[i][:, :, start:S] = k
-        cache.v[i][:, :, start:S] = v
-        keys, values = cache.k[i][:, :, :S], cache.v[i][:, :, :S]  # (B, K, S, D)
+    x = F.embedding(input_ids, model.tok_embeddings.weight)  # (B, T, C)
+    # per layer: the slots this call writes and the keys/values it reads
+    k_new, v_new = cache.k[:, :, :, start:S].unbind(0), cache.v[:, :, :, start:S].unbind(0)
+    keys, values = cache.k[:, :, :, :S].unbind(0), cache.v[:, :, :, :S].unbind(0)
+    for i, (norm1, wqkv, bqkv, wo, bo, norm2, w13, b13, w2, b2) in enumerate(sw.layers):
+        qkv = F.linear(_rms(x, norm1, sw.eps), wqkv, bqkv).view(B, T, H + 2 * K, D).transpose(1, 2)
+        qk, v = qkv.split((H + K, K), dim=1)
+        q, k = _rope(qk, cos, sin).split((H, K), dim=1)  # q and k heads rotated together
+        k_new[i].copy_(k)
+        v_new[i].copy_(v)
         q = q.reshape(B, K, rep * T, D)  # heads of a group are adjacent: (B, K, rep*T, D)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, K, rep*T, D)
-        y = y.reshape(B, cfg.n_heads, T, D).transpose(1, 2).reshape(B, T, cfg.dim)  # (B, T, C)
-        x = x + att.wo(y)
-        ff = layer.feed_forward
-        gate, up = _project(layer.ffn_norm(x), ff, "w13", ("w1", "w3"))
-        x = x + ff.w2(F.silu(gate) * up)
+        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)  # (B, K, rep*T, D)
+        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        x = x + F.linear(y, wo, bo)
+        gate, up = F.linear(_rms(x, norm2, sw.eps), w13, b13).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, w2, b2)
     cache.length = S
-    h = model.norm(x if all_logits else x[:, -1])
-    return model.output(h).float()
+    h = _rms(x if all_logits else x[:, -1], sw.final_norm, sw.eps)
+    return F.linear(h, sw.output).float()
