@@ -70,9 +70,25 @@ class Batch:
     then copies nothing from the host unless rows leave or sample)."""
 
     def __init__(self, seqs: list[_Seq], cache: KVCache, key_valid: torch.Tensor, logits: torch.Tensor,
-                 positions: torch.Tensor):
+                 positions: torch.Tensor, first_slot: list[int]):
         self.seqs, self.cache, self.key_valid, self.logits = seqs, cache, key_valid, logits
         self.positions = positions  # (B,) long
+        self.first_slot = first_slot  # per row: cache slot of its first real token
+
+    def keep(self, rows: list[int]) -> torch.Tensor:
+        """Keep only `rows` (in order). Cache slots left of every remaining row's first
+        token are cut off, so attention spans the longest live sequence, not the time
+        the batch has been running (under steady load it never empties)."""
+        cut = min(self.first_slot[r] for r in rows)
+        if cut:
+            self.cache.trim_left(cut)
+            self.key_valid = self.key_valid[:, cut:]
+        keep = torch.tensor(rows, device=self.key_valid.device)
+        self.cache.keep_rows(keep)
+        self.key_valid, self.positions, self.logits = self.key_valid[keep], self.positions[keep], self.logits[keep]
+        self.seqs = [self.seqs[r] for r in rows]
+        self.first_slot = [self.first_slot[r] - cut for r in rows]
+        return keep
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -133,7 +149,8 @@ class Engine(TextCodec):
         cache = KVCache(self.m.model, B, L + room)
         need_all = any(r.prompt_logprobs for r in requests)
         logits = forward_cached(self.m.model, cache, ids, positions, key_valid, all_logits=need_all)
-        seqs, rows = [], []
+        seqs: list = [None] * B  # None: finished at prefill (max_tokens 0)
+        rows = []
         for i, (r, cb) in enumerate(zip(requests, callbacks)):
             res = Result(r.prompt_ids, [], "", "length")
             if r.prompt_logprobs:
@@ -143,15 +160,15 @@ class Engine(TextCodec):
                 continue
             seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
             seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
-            seqs.append(_Seq(r, res, cb, torch.Generator().manual_seed(seed), seen))
+            seqs[i] = _Seq(r, res, cb, torch.Generator().manual_seed(seed), seen)
             rows.append(i)
-        if not seqs:
+        if not rows:
             return None
         logits = logits[:, -1] if need_all else logits  # (B, V)
-        keep = torch.tensor(rows, device=dev)
+        batch = Batch(seqs, cache, key_valid, logits, torch.tensor(lens, device=dev), [L - n for n in lens])
         if len(rows) < B:
-            cache.keep_rows(keep)
-        return Batch(seqs, cache, key_valid[keep], logits[keep], torch.tensor(lens, device=dev)[keep])
+            batch.keep(rows)
+        return batch
 
     @torch.no_grad()
     def join(self, a: Batch, b: Batch) -> Batch:
@@ -169,8 +186,9 @@ class Engine(TextCodec):
             key_valid[row:row + n, off:S] = part.key_valid[:, :part.cache.length]
             row += n
         cache.length = S
+        first = [f + S - a.cache.length for f in a.first_slot] + [f + S - b.cache.length for f in b.first_slot]
         return Batch(a.seqs + b.seqs, cache, key_valid, torch.cat([a.logits, b.logits]),
-                     torch.cat([a.positions, b.positions]))
+                     torch.cat([a.positions, b.positions]), first)
 
     @torch.no_grad()
     def step(self, batch: Batch) -> Batch | None:
@@ -208,11 +226,7 @@ class Engine(TextCodec):
         if not still:
             return None
         if len(still) < len(batch):
-            keep = torch.tensor(still, device=dev)
-            batch.cache.keep_rows(keep)
-            batch.key_valid, batch.positions = batch.key_valid[keep], batch.positions[keep]
-            batch.seqs = [batch.seqs[k] for k in still]
-            greedy_ids = greedy_ids[keep]
+            greedy_ids = greedy_ids[batch.keep(still)]
         tokens = greedy_ids if all_greedy else torch.tensor(new_tokens, device=dev)
         pos, batch.positions = batch.positions, batch.positions + 1
         batch.logits = forward_cached(self.m.model, batch.cache, tokens[:, None], pos[:, None], batch.key_valid)

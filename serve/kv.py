@@ -89,6 +89,12 @@ class KVCache:
         """Drop finished sequences from the batch."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
 
+    def trim_left(self, n: int) -> None:
+        """Drop the first n slots of every row (a view; keep_rows then compacts it)."""
+        self.k, self.v = self.k[:, :, :, n:], self.v[:, :, :, n:]
+        self.length -= n
+        self.max_len -= n
+
     def put_rows(self, row: int, slot: int, other: "KVCache") -> None:
         """Copy other's rows to rows [row, row + len), its slot 0 to slot `slot`."""
         n, length = other.k.shape[1], other.length

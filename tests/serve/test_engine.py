@@ -83,16 +83,26 @@ def test_batched_generation_equals_full_forward_greedy(engine):
 
 
 def test_requests_joining_a_running_batch_decode_as_alone(engine):
+    """Rows join a running batch and leave it at different steps; the oldest leaves
+    first, so the slots only it used are cut: the cache spans the longest live row."""
     ps = prompts(engine, 4)
-    alone = [engine.generate([Request(p, SamplingParams(max_tokens=10, temperature=0))])[0].output_ids for p in ps]
+    ps[0] = ps[0] + ps[1] + ps[2]  # the oldest row is also the longest
+    budgets = [4, 10, 8, 6]
+    alone = [engine.generate([Request(p, SamplingParams(max_tokens=n, temperature=0))])[0].output_ids
+             for p, n in zip(ps, budgets)]
     got: dict[int, list[int]] = {}
     cb = lambda i: (lambda res: got.__setitem__(i, res.output_ids))  # noqa: E731
-    first = engine.prefill([Request(ps[0], SamplingParams(max_tokens=10, temperature=0))], [cb(0)])
+    first = engine.prefill([Request(ps[0], SamplingParams(max_tokens=budgets[0], temperature=0))], [cb(0)])
     batch = engine.step(engine.step(first))  # two tokens in, the others arrive
-    later = engine.prefill([Request(p, SamplingParams(max_tokens=10 - 3 * k, temperature=0)) for k, p in
-                            enumerate(ps[1:], 1)], [cb(1), cb(2), cb(3)])
+    later = engine.prefill([Request(p, SamplingParams(max_tokens=n, temperature=0))
+                            for p, n in zip(ps[1:], budgets[1:])], [cb(1), cb(2), cb(3)])
     batch = engine.join(batch, later)
-    while batch is not None:  # rows finish at different steps and leave the batch
+    lengths = []
+    while batch is not None:
         batch = engine.step(batch)
-    for i in range(4):
-        assert got[i] == alone[i][:len(got[i])] and len(got[i]) == (10 if i == 0 else 10 - 3 * i)
+        if batch is not None:
+            live = max(len(s.res.prompt_ids) + len(s.res.output_ids) for s in batch.seqs)
+            assert batch.cache.length == live and min(batch.first_slot) == 0
+            lengths.append(batch.cache.length)
+    assert got == dict(enumerate(alone))
+    assert lengths != sorted(lengths)  # the cache shrank when the oldest row left

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One prepared GPU check of serving (the lent machine has torch + transformers; the
+# server's pure-Python dependencies come from .gpu/wheels, see ../shared/bench/README.md):
+# bench/serve_throughput.py on a random-init 125m export, concurrency 1, 8, 32, the
+# server with its engine process and with --engine-thread, side by side with HF
+# `generate` in the same run. The table's batch / step ms columns say whether requests
+# were decoded together and how long one decode step took.
+# Expects .gpu/wheels/ and .gpu/tokens/tokenizer (git-ignored). Usage: bash bench/serve_gpu.sh
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target "$HOME/gpu-site" .gpu/wheels/*.whl > "$OUT/pip.log" 2>&1 \
+    || { tail "$OUT/pip.log"; exit 3; }
+export PYTHONPATH="$HOME/gpu-site:$PWD"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 bench/serve_throughput.py --make-model 125m --tokenizer .gpu/tokens/tokenizer --model /tmp/bm 2>&1 | tail -1
+timeout 420 python3 bench/serve_throughput.py --model /tmp/bm --concurrency 1,8,32 --requests 2 --prompt-tokens 128 \
+    --new-tokens 128 --engine-thread 2>&1 | grep -E '^\{|^ +[0-9]|^engine|concurrency' | tee "$OUT/serve.log"
