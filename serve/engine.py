@@ -341,9 +341,9 @@ class BatchLoop:
 
 
 class Batcher:
-    """Continuous batching on a worker thread of this process (the `zerolm eval` CLI,
-    tests). The server runs the same loop in an engine process instead, so the model's
-    Python work never holds the HTTP process's GIL."""
+    """Continuous batching on a worker thread of this process (`zerolm serve
+    --engine-thread`). By default the server runs the same loop in an engine process
+    instead, so the model's Python work never holds the HTTP process's GIL."""
 
     def __init__(self, engine: Engine, *, wait_ms: float = 2.0, on_batch: OnBatch | None = None):
         self.engine, self.wait = engine, wait_ms / 1000

@@ -53,7 +53,8 @@ class EngineClient:
         self.device, self.dtype = self._wait_ready()
         self._ids = itertools.count()
         self._pending: dict[int, tuple[Future, Callable[[str], None] | None]] = {}
-        self._lock = threading.Lock()  # guards _pending, _dead and sending on the pipe
+        self._lock = threading.Lock()  # guards _pending and _dead
+        self._send_lock = threading.Lock()  # one message at a time on the pipe
         self._dead: str | None = None
         self._receiver = threading.Thread(target=self._receive, name=f"engine-rx-{name}", daemon=True)
         self._receiver.start()
@@ -81,18 +82,25 @@ class EngineClient:
     def submit(self, request: Request) -> Future:
         fut: Future = Future()
         wire = dataclasses.replace(request, on_text=None)  # callbacks stay here; text arrives as messages
-        with self._lock:
+        with self._lock:  # registered before sending: its result cannot arrive first
             if self._dead is not None:
                 fut.set_exception(EngineDied(self._dead))
                 return fut
             rid = next(self._ids)
             self._pending[rid] = (fut, request.on_text)
-            try:
-                self.conn.send(("submit", rid, wire, request.on_text is not None))
-            except (OSError, ValueError) as exc:
-                del self._pending[rid]
-                fut.set_exception(EngineDied(f"model {self.name!r}: cannot reach the engine process ({exc})"))
+        try:
+            self._send(("submit", rid, wire, request.on_text is not None))
+        except (OSError, ValueError) as exc:
+            with self._lock:
+                self._pending.pop(rid, None)
+            resolver(fut)(EngineDied(f"model {self.name!r}: cannot reach the engine process ({exc})"))
         return fut
+
+    def _send(self, msg) -> None:
+        # Its own lock, never held with _lock: a send that waits for a full pipe must not
+        # stop the receiver from draining the engine's replies (else both sides wait).
+        with self._send_lock:
+            self.conn.send(msg)
 
     def _receive(self) -> None:
         while True:
@@ -123,11 +131,10 @@ class EngineClient:
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the engine process (running requests fail); safe to call twice."""
-        with self._lock:
-            try:
-                self.conn.send(("close",))
-            except (OSError, ValueError):
-                pass
+        try:
+            self._send(("close",))
+        except (OSError, ValueError):
+            pass
         self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.terminate()

@@ -171,3 +171,26 @@ def test_64_concurrent_requests_batched_equal_sequential(server):
     assert together[:8] == alone
     # sequences per decode step during the burst: they were decoded together
     assert (sum1 - sum0) / (steps1 - steps0) > 8
+
+
+def test_many_large_scoring_requests_at_once(server):
+    """Echo + top-5 logprobs of 200-token prompts from 48 clients at once: about a
+    megabyte of results crosses the pipe from the engine process while requests keep
+    arriving; all arrive, each equal to the same request sent alone."""
+    text = "中华人民共和国国务院新闻办公室今天发表白皮书。" * 20
+    ids = post(server, "/tokenize", {"model": "tiny", "prompt": text}).json()["tokens"][:200]
+    bodies = [{"model": "tiny", "prompt": [ids[k:] + ids[:k]], "max_tokens": 2, "echo": True, "logprobs": 5,
+               "temperature": 0} for k in range(48)]
+
+    def ask(body):
+        r = post(server, "/v1/completions", body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["logprobs"]
+
+    with cf.ThreadPoolExecutor(48) as pool:
+        together = list(pool.map(ask, bodies))
+    assert all(len(lp["tokens"]) == 202 and len(lp["top_logprobs"][5]) == 5 for lp in together)
+    for k in (0, 17, 47):
+        alone = ask(bodies[k])
+        assert alone["tokens"] == together[k]["tokens"]
+        assert alone["token_logprobs"][1:] == pytest.approx(together[k]["token_logprobs"][1:], abs=1e-4)
