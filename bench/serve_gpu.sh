@@ -4,7 +4,8 @@
 # bench/serve_throughput.py on a random-init 125m export, concurrency 1, 8, 32, the
 # server with its engine process and with --engine-thread, side by side with HF
 # `generate` in the same run. The table's batch / step ms columns say whether requests
-# were decoded together and how long one decode step took.
+# were decoded together and how long one decode step took. First bench/decode_step.py:
+# the engine alone at batch 1/8/32 and a decode step's masked attention per SDPA backend.
 # Expects .gpu/wheels/ and .gpu/tokens/tokenizer (git-ignored). Usage: bash bench/serve_gpu.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -15,5 +16,6 @@ python3 -m pip install -q --no-index --no-deps --target "$HOME/gpu-site" .gpu/wh
 export PYTHONPATH="$HOME/gpu-site:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 bench/serve_throughput.py --make-model 125m --tokenizer .gpu/tokens/tokenizer --model /tmp/bm 2>&1 | tail -1
-timeout 420 python3 bench/serve_throughput.py --model /tmp/bm --concurrency 1,8,32 --requests 2 --prompt-tokens 128 \
+timeout 120 python3 bench/decode_step.py --model /tmp/bm 2>&1 | grep -vi warn | tee "$OUT/decode_step.log"
+timeout 400 python3 bench/serve_throughput.py --model /tmp/bm --concurrency 1,8,32 --requests 2 --prompt-tokens 128 \
     --new-tokens 128 --engine-thread 2>&1 | grep -E '^\{|^ +[0-9]|^engine|concurrency' | tee "$OUT/serve.log"

@@ -17,13 +17,24 @@ are attended without copying them; a decode step needs no causal mask.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from train.model import Transformer
+
+
+# Attention here always has a key mask (left padding) and a key length that grows by
+# one every step. On CUDA, SDPA may pick the cuDNN backend for masked bf16 attention,
+# which builds an execution graph for every new shape: hundreds of ms (sglang measured
+# ~400 ms per build; mlx notes the rebuild on every longer sequence). Every decode step
+# is a new shape, so the cuDNN backend is left out; the memory-efficient kernel takes
+# masks without per-shape setup.
+_CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -150,18 +161,19 @@ def forward_cached(model: Transformer, cache: KVCache, input_ids: torch.Tensor, 
     # per layer: the slots this call writes and the keys/values it reads
     k_new, v_new = cache.k[:, :, :, start:S].unbind(0), cache.v[:, :, :, start:S].unbind(0)
     keys, values = cache.k[:, :, :, :S].unbind(0), cache.v[:, :, :, :S].unbind(0)
-    for i, (norm1, wqkv, bqkv, wo, bo, norm2, w13, b13, w2, b2) in enumerate(sw.layers):
-        qkv = F.linear(_rms(x, norm1, sw.eps), wqkv, bqkv).view(B, T, H + 2 * K, D).transpose(1, 2)
-        qk, v = qkv.split((H + K, K), dim=1)
-        q, k = _rope(qk, cos, sin).split((H, K), dim=1)  # q and k heads rotated together
-        k_new[i].copy_(k)
-        v_new[i].copy_(v)
-        q = q.reshape(B, K, rep * T, D)  # heads of a group are adjacent: (B, K, rep*T, D)
-        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)  # (B, K, rep*T, D)
-        y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        x = x + F.linear(y, wo, bo)
-        gate, up = F.linear(_rms(x, norm2, sw.eps), w13, b13).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w2, b2)
+    with sdpa_kernel(_CUDA_SDPA) if x.is_cuda else nullcontext():
+        for i, (norm1, wqkv, bqkv, wo, bo, norm2, w13, b13, w2, b2) in enumerate(sw.layers):
+            qkv = F.linear(_rms(x, norm1, sw.eps), wqkv, bqkv).view(B, T, H + 2 * K, D).transpose(1, 2)
+            qk, v = qkv.split((H + K, K), dim=1)
+            q, k = _rope(qk, cos, sin).split((H, K), dim=1)  # q and k heads rotated together
+            k_new[i].copy_(k)
+            v_new[i].copy_(v)
+            q = q.reshape(B, K, rep * T, D)  # heads of a group are adjacent: (B, K, rep*T, D)
+            y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)  # (B, K, rep*T, D)
+            y = y.view(B, H, T, D).transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+            x = x + F.linear(y, wo, bo)
+            gate, up = F.linear(_rms(x, norm2, sw.eps), w13, b13).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w2, b2)
     cache.length = S
     h = _rms(x if all_logits else x[:, -1], sw.final_norm, sw.eps)
     return F.linear(h, sw.output).float()
