@@ -5,39 +5,16 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
 import psutil
 import pytest
 
-from tests.serve.test_server import free_port
-
-
-def start_server(model_dir, port: int) -> subprocess.Popen:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"tiny={model_dir}",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-
-
-def wait_healthy(proc: subprocess.Popen, url: str) -> None:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stdout.read())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start")
+from tests.serve.serving import start_server, wait_healthy
 
 
 def engine_children(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -56,7 +33,7 @@ def test_weights_that_do_not_load_are_a_one_line_error(tiny_model_dir, tmp_path)
     cfg = json.loads((broken / "model_config.json").read_text())
     cfg["n_layers"] += 1  # the weights no longer match: found only by the engine process
     (broken / "model_config.json").write_text(json.dumps(cfg))
-    proc = start_server(broken, free_port())
+    proc, _ = start_server(broken)
     try:
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -68,9 +45,7 @@ def test_weights_that_do_not_load_are_a_one_line_error(tiny_model_dir, tmp_path)
 
 @pytest.mark.slow
 def test_dead_engine_fails_requests_and_health_then_server_stops_cleanly(tiny_model_dir):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(tiny_model_dir, port)
+    proc, url = start_server(tiny_model_dir)
     try:
         wait_healthy(proc, url)
         (engine,) = engine_children(proc)
@@ -100,9 +75,8 @@ def test_dead_engine_fails_requests_and_health_then_server_stops_cleanly(tiny_mo
 
 @pytest.mark.slow
 def test_stopping_the_server_stops_its_engine(tiny_model_dir):
-    port = free_port()
-    proc = start_server(tiny_model_dir, port)
-    wait_healthy(proc, f"http://127.0.0.1:{port}")
+    proc, url = start_server(tiny_model_dir)
+    wait_healthy(proc, url)
     (engine,) = engine_children(proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+
+from tests.serve.serving import start_server, wait_healthy
 
 lm_eval = pytest.importorskip("lm_eval")
 yaml = pytest.importorskip("yaml")
@@ -30,32 +27,12 @@ SHOTS = 2
 ITEMS_PER_SUBJECT = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"tiny={tiny_model_dir}",
-                                 "--port", str(port), "--device", "cpu"], stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_server(tiny_model_dir, "--device", "cpu", log=log)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_healthy(proc, base, log=log)
         yield base
     finally:
         proc.terminate()

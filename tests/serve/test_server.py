@@ -4,45 +4,20 @@ unmodified `openai` client, raw HTTP for the extra routes, errors, and load."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
+from tests.serve.serving import start_server, wait_healthy
+
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    port = free_port()
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "zerolm", "serve", "--model", f"tiny={tiny_model_dir}",
-                             "--port", str(port), "--api-key", KEY, "--max-batch", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited: " + proc.stdout.read())
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start")
+    proc, url = start_server(tiny_model_dir, "--api-key", KEY, "--max-batch", "64")
+    wait_healthy(proc, url)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
