@@ -42,6 +42,38 @@ class Metrics:
         self.step.observe(seconds)
 
 
+class _BodyLimit:
+    """ASGI middleware for bodies sent without a Content-Length (chunked): reads them up
+    to max_bytes before the app runs and answers 400 past that, so no body is unbounded.
+    (A declared length over the limit is refused in `guard` before anything is read.)"""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or any(k == b"content-length" for k, _ in scope["headers"]):
+            return await self.app(scope, receive, send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _error(400, f"request body over {self.max_bytes} bytes", code="body_too_large")(
+                    scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replay = iter(messages)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        await self.app(scope, replayed, send)
+
+
 def _error(status: int, message: str, type: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
     return JSONResponse(oa.APIError(status, message, type=type, param=param, code=code).body(), status_code=status)
 
@@ -74,6 +106,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         m.requests.labels(route, str(response.status_code)).inc()
         m.latency.labels(route).observe(time.time() - started)
         return response
+
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):

@@ -70,6 +70,14 @@ def test_typed_errors(client, server):
     assert r.status_code == 400
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": "x" * (9 << 20)})
     assert r.status_code == 400 and "body" in r.json()["error"]["message"]
+    chunks = (b'{"model": "tiny", "prompt": "' if i == 0 else b"x" * (1 << 20) for i in range(10))
+    r = httpx.post(server + "/v1/completions", content=chunks, timeout=60,  # chunked: no Content-Length
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large", r.text
+    small = (part for part in (b'{"model": "tiny", ', b'"prompt": "x", "max_tokens": 2}'))
+    r = httpx.post(server + "/v1/completions", content=small, timeout=60,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2, r.text
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": [[1, 2, 999999]]})
     assert r.status_code == 400
     # extra fields real clients send are ignored
