@@ -6,7 +6,8 @@
 # `generate` in the same run. The table's batch / step ms columns say whether requests
 # were decoded together and how long one decode step took. First bench/decode_step.py:
 # the engine alone at batch 1/8/32 and a decode step's masked attention per SDPA backend.
-# Expects .gpu/wheels/ and .gpu/tokens/tokenizer (git-ignored). Usage: bash bench/serve_gpu.sh
+# Expects .gpu/wheels/ and .gpu/tokens/tokenizer (git-ignored: carry ".gpu" to the device).
+# Usage: bash bench/serve_gpu.sh  (give the device call a 600 s limit: the steps have 120 + 400 s timeouts)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_out}
