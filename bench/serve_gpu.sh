@@ -7,7 +7,7 @@
 # were decoded together and how long one decode step took. First bench/decode_step.py:
 # the engine alone at batch 1/8/32 and a decode step's masked attention per SDPA backend.
 # Expects .gpu/wheels/ and .gpu/tokens/tokenizer (git-ignored: carry ".gpu" to the device).
-# Usage: bash bench/serve_gpu.sh  (give the device call a 600 s limit: the steps have 120 + 400 s timeouts)
+# Usage: bash bench/serve_gpu.sh  (give the device call a 600 s limit: the steps have 120 + 360 s timeouts)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/gpu_out}
@@ -18,5 +18,5 @@ export PYTHONPATH="$HOME/gpu-site:$PWD"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 bench/serve_throughput.py --make-model 125m --tokenizer .gpu/tokens/tokenizer --model /tmp/bm 2>&1 | tail -1
 timeout 120 python3 bench/decode_step.py --model /tmp/bm 2>&1 | grep -vi warn | tee "$OUT/decode_step.log"
-timeout 400 python3 bench/serve_throughput.py --model /tmp/bm --concurrency 1,8,32 --requests 2 --prompt-tokens 128 \
+timeout 360 python3 bench/serve_throughput.py --model /tmp/bm --concurrency 1,8,32 --requests 2 --prompt-tokens 128 \
     --new-tokens 128 --engine-thread 2>&1 | grep -E '^\{|^ +[0-9]|^engine|concurrency' | tee "$OUT/serve.log"
