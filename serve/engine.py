@@ -139,13 +139,11 @@ class Engine(TextCodec):
             raise ValueError("empty prompt")
         B, L = len(requests), max(lens)
         room = max(r.params.max_tokens for r in requests)
-        ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-        key_valid = torch.ones(B, L + room, dtype=torch.bool, device=dev)
-        for i, r in enumerate(requests):
-            ids[i, L - lens[i]:] = torch.tensor(r.prompt_ids, device=dev)
-            key_valid[i, : L - lens[i]] = False
-        pads = torch.tensor([L - n for n in lens], device=dev)
-        positions = (torch.arange(L, device=dev)[None] - pads[:, None]).clamp(min=0)  # (B, L)
+        # Built on the host and copied once: per-row writes would be B small copies each.
+        ids = torch.tensor([[0] * (L - n) + list(r.prompt_ids) for r, n in zip(requests, lens)]).to(dev)
+        pads = torch.tensor([L - n for n in lens])
+        key_valid = (torch.arange(L + room)[None] >= pads[:, None]).to(dev)  # (B, L + room): False = padding
+        positions = (torch.arange(L)[None] - pads[:, None]).clamp(min=0).to(dev)  # (B, L)
         cache = KVCache(self.m.model, B, L + room)
         need_all = any(r.prompt_logprobs for r in requests)
         logits = forward_cached(self.m.model, cache, ids, positions, key_valid, all_logits=need_all)
