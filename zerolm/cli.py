@@ -13,6 +13,10 @@ import sys
 from zerolm.errors import UserError
 
 
+def _add_input(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--input", action="append", metavar="[SOURCE=]PATH_OR_GLOB", nargs="+", help=help)
+
+
 def _add_common(p: argparse.ArgumentParser, *, ray: bool = True) -> None:
     p.add_argument("--config", help="YAML config file for this stage")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -198,15 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="data processing jobs (Ray Data)")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="JOB")
     run = data_sub.add_parser("run", help="clean: read, normalize, filter, dedup, write parquet")
-    run.add_argument("--input", action="append", metavar="[SOURCE=]PATH_OR_GLOB", nargs="+",
-                     help="input files: paths, globs (** recurses) or URIs; repeatable")
+    _add_input(run, "input files: paths, globs (** recurses) or URIs; repeatable")
     run.add_argument("--output", help="output folder (clean corpus)")
     _add_common(run)
     run.set_defaults(func=cmd_data_run)
 
     nd = data_sub.add_parser("near-dedup", help="near-duplicate removal alone (MinHash-LSH or SimHash)")
-    nd.add_argument("--input", action="append", metavar="[SOURCE=]PATH_OR_GLOB", nargs="+",
-                    help="input files: paths, globs or URIs (e.g. DIR/data/*.parquet of a data run); repeatable")
+    _add_input(nd, "input files: paths, globs or URIs (e.g. DIR/data/*.parquet of a data run); repeatable")
     nd.add_argument("--output", help="output folder: data/ (kept), duplicates/ (audit), stats.json")
     _add_common(nd)
     nd.set_defaults(func=cmd_data_near_dedup)

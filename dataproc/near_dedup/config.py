@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from zerolm.config import StrictModel
 
@@ -79,6 +79,13 @@ class SimHashConfig(StrictModel):
 
 class NearDedupConfig(StrictModel):
     method: Literal["minhash", "simhash", "off"] = "minhash"
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML reads a bare `off` (in a config file or `--set near_dedup.method=off`) as False
+        return "off" if value is False else value
+
     shingles: ShingleConfig = Field(default_factory=ShingleConfig)
     minhash: MinHashConfig = Field(default_factory=MinHashConfig)
     simhash: SimHashConfig = Field(default_factory=SimHashConfig)

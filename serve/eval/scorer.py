@@ -3,9 +3,9 @@ log-probability of every token of a sequence given the tokens before it.
 
 Two adapters give that view of a served model:
   * `EngineScorer(engine)` calls `Engine.score` directly (the `zerolm eval` CLI, tests);
-  * `BatcherScorer(served)` submits scoring requests through the server's `Batcher`, so
-    an HTTP evaluation shares the one thread that owns the model with the completion
-    requests arriving meanwhile (the model is never called from two threads).
+  * `BatcherScorer(served)` submits scoring requests through the server's batcher (its
+    engine process, or `Batcher` with --engine-thread), so an HTTP evaluation shares the
+    one loop that owns the model with the completion requests arriving meanwhile.
 
 `score_sequences` is what the tasks call: it groups sequences by length into calls
 of bounded size (an engine call materialises B x L x V fp32 logits) and returns plain
@@ -49,7 +49,7 @@ class EngineScorer:
 
 
 class BatcherScorer:
-    """Scoring through the server's batching thread (HTTP evaluations)."""
+    """Scoring through the server's batch loop (HTTP evaluations)."""
 
     def __init__(self, served):  # serve.registry.ServedModel (not imported: no cycle with the app)
         self.served = served

@@ -157,3 +157,29 @@ def test_data_run_drops_near_duplicates_with_audit(ray_session, shared_data, tmp
     kept = set(pq.read_table(out / "data").column("id").to_pylist())
     assert set(audit["kept_id"]) <= kept and not set(audit["removed_id"]) & kept
     assert set(json.loads((out / "stats.json").read_text())["dropped"]) >= {REASON}
+
+
+def test_near_dedup_command(ray_session, shared_data, tmp_path, capsys):
+    """`zerolm data near-dedup` as users call it: near copies removed with an audit,
+    and bad input a one-line error (exit 2) before any work."""
+    from zerolm.cli import main
+
+    originals = labelled.load_originals(shared_data, 20, 10, seed=3)
+    rng = random.Random(3)
+    lines = [t for _, t in originals] + [labelled.edit(t, lang, "substitute", 0.01, originals[0][1], rng)
+                                          for lang, t in originals[:10]]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["data", "near-dedup", "--input", str(src), "--output", str(out)]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    audit = pq.read_table(out / "duplicates").to_pandas()
+    assert 8 <= stats["dropped"][REASON] == len(audit) <= 10
+    assert stats["rows_in"] == stats["rows_out"] + sum(stats["dropped"].values()) + stats["rejected"]
+    capsys.readouterr()
+    for argv, message in [(["--input", str(tmp_path / "missing.jsonl")], "input not found"),
+                          (["--input", str(src), "--set", "near_dedup.method=off"], "nothing to do")]:
+        assert main(["data", "near-dedup", *argv, "--output", str(tmp_path / "o2")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("zerolm: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o2" / "data").exists()
