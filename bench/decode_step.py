@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Where a served decode step's time goes, without HTTP: the engine alone at batch 1,
-8 and 32, and the masked attention call of a decode step under each SDPA backend.
+8 and 32 (eager, and with CUDA graphs on a GPU), and the masked attention call of a
+decode step under each SDPA backend.
 
 The H200 serving run decoded 8 and 32 concurrent requests together (p50 and p99
 latency within 2%), yet a step took 70-100 ms against 8.7 ms at batch 1. This script
@@ -31,25 +32,35 @@ def sync(dev: torch.device) -> None:
 
 
 def engine_rows(model_dir: str, prompt_tokens: int, new_tokens: int) -> list[dict]:
+    """The serving loop's decode (one long-lived batch, as BatchLoop keeps) at batch 1, 8
+    and 32: eager, and on a GPU with CUDA graphs (on CPU: eager in the graphs' padded
+    shapes, what the graphs cost in extra arithmetic)."""
     from serve.engine import Engine, Request
     from serve.loading import load_model
     from serve.sampling import SamplingParams
 
-    eng = Engine(load_model("m", model_dir), max_batch=64)
+    loaded = load_model("m", model_dir)
     text = Path(__file__).read_text(encoding="utf-8") * 8  # any real text; this file will do
-    ids = eng.encode(text)
+    modes = ["eager", "graphs" if loaded.device.type == "cuda" else "static"]
     rows = []
-    for batch in (1, 8, 32):
-        reqs = [Request(ids[i * 7: i * 7 + prompt_tokens], SamplingParams(max_tokens=new_tokens, temperature=0))
-                for i in range(batch)]
-        eng.generate(reqs[:1] if batch > 1 else reqs)  # warm up (batch-1 shapes only)
-        sync(eng.m.device)
-        t = time.perf_counter()
-        eng.generate(reqs)
-        sync(eng.m.device)
-        secs = time.perf_counter() - t
-        rows.append({"what": "engine_generate", "batch": batch, "step_ms": 1000 * secs / new_tokens,
-                     "tokens_per_s": batch * new_tokens / secs, "device": str(eng.m.device)})
+    for mode in modes:
+        eng = Engine(loaded, max_batch=64, cuda_graphs=mode == "graphs", static_shapes=mode == "static")
+        ids = eng.encode(text)
+        batch = eng.new_batch(rows=64)
+        for size in (1, 8, 32):
+            reqs = [Request(ids[i * 7: i * 7 + prompt_tokens], SamplingParams(max_tokens=new_tokens, temperature=0))
+                    for i in range(size)]
+            for timed in (False, True):  # the first run warms up (and captures the graphs)
+                sync(eng.m.device)
+                t = time.perf_counter()
+                eng.prefill(batch, reqs, [lambda res: None] * size)
+                while batch:
+                    eng.step(batch)
+                sync(eng.m.device)
+                secs = time.perf_counter() - t
+            rows.append({"what": f"engine_{mode}", "batch": size, "step_ms": 1000 * secs / new_tokens,
+                         "tokens_per_s": size * new_tokens / secs, "device": str(eng.m.device),
+                         "graphs_captured": batch.decoder.captures})
     return rows
 
 

@@ -1,10 +1,10 @@
 """The inference engine (no HTTP here): batched generation with a KV cache, stop
 strings and stop tokens, logprobs, and log-likelihood scoring.
 
-Generation is a `Batch` of running sequences advanced one token per `step`.
-Requests join a running batch between steps (`join`: their prompts are prefilled
-together, then their cache slots are right-aligned with the running rows'), and a
-finished sequence leaves the batch at once, so concurrent clients share every
+Generation is a `Batch` of running sequences advanced one token per `step`, each
+sequence in its own row of a KV cache (serve/kv.py). Requests join a running batch
+between steps (`prefill` writes their prompts into free rows; nothing running moves),
+and a finished sequence leaves the batch at once, so concurrent clients share every
 decode step (continuous batching). `BatchLoop` drives this in the one thread that
 owns the model (`Batcher`: a thread of this process; the server: an engine process,
 serve/engine_process.py); `Engine.generate` runs a fixed list of requests to completion.
@@ -22,7 +22,8 @@ from typing import Callable
 
 import torch
 
-from serve.kv import KVCache, forward_cached, prepare_serving
+from serve.decoder import Decoder
+from serve.kv import SlotCache, prefill, prepare_serving
 from serve.loading import LoadedModel
 from serve.sampling import SamplingParams, next_token
 
@@ -65,30 +66,30 @@ class _Seq:
 
 
 class Batch:
-    """Running sequences: rows of the cache, their key masks, next-token logits and the
-    RoPE position of the next token each row feeds (kept on the device: a decode step
-    then copies nothing from the host unless rows leave or sample)."""
+    """The running sequences: seqs[i] owns row i of `cache`, which holds lengths[i] of
+    its tokens; logits (n, V) are each row's next-token logits. New sequences are
+    prefilled into the rows after the running ones, so joining moves nothing."""
 
-    def __init__(self, seqs: list[_Seq], cache: KVCache, key_valid: torch.Tensor, logits: torch.Tensor,
-                 positions: torch.Tensor, first_slot: list[int]):
-        self.seqs, self.cache, self.key_valid, self.logits = seqs, cache, key_valid, logits
-        self.positions = positions  # (B,) long
-        self.first_slot = first_slot  # per row: cache slot of its first real token
+    def __init__(self, cache: SlotCache, decoder: Decoder):
+        self.cache, self.decoder = cache, decoder
+        self.seqs: list[_Seq] = []
+        self.lengths: list[int] = []
+        self.logits: torch.Tensor | None = None
 
-    def keep(self, rows: list[int]) -> torch.Tensor:
-        """Keep only `rows` (in order). Cache slots left of every remaining row's first
-        token are cut off, so attention spans the longest live sequence, not the time
-        the batch has been running (under steady load it never empties)."""
-        cut = min(self.first_slot[r] for r in rows)
-        if cut:
-            self.cache.trim_left(cut)
-            self.key_valid = self.key_valid[:, cut:]
-        keep = torch.tensor(rows, device=self.key_valid.device)
-        self.cache.keep_rows(keep)
-        self.key_valid, self.positions, self.logits = self.key_valid[keep], self.positions[keep], self.logits[keep]
-        self.seqs = [self.seqs[r] for r in rows]
-        self.first_slot = [self.first_slot[r] - cut for r in rows]
-        return keep
+    def keep(self, rows: list[int]) -> list[int]:
+        """Keep only `rows` (ascending): each live row above the new size moves into a
+        freed row below it (one row copy per leaver at most; the others stay put).
+        Returns, per new row, the old row it came from."""
+        n, kept = len(rows), set(rows)
+        order = list(range(n))
+        for dst, src in zip([r for r in range(n) if r not in kept], [r for r in rows if r >= n]):
+            self.cache.move_row(src, dst, self.lengths[src])
+            order[dst] = src
+        self.seqs = [self.seqs[r] for r in order]
+        self.lengths = [self.lengths[r] for r in order]
+        if order != list(range(len(self.logits))):
+            self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.logits.device)]
+        return order
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -122,74 +123,66 @@ class TextCodec:
 
 
 class Engine(TextCodec):
-    def __init__(self, loaded: LoadedModel, *, max_batch: int = 32):
+    """cuda_graphs: None = on when the model is on a GPU (serve/decoder.py);
+    static_shapes: decode in the shapes graphs use, on any device (tests)."""
+
+    def __init__(self, loaded: LoadedModel, *, max_batch: int = 32, cuda_graphs: bool | None = None,
+                 static_shapes: bool = False):
         if loaded.model is None:
             raise ValueError(f"model {loaded.name!r} was loaded without its weights")
         super().__init__(loaded, max_batch=max_batch)
         prepare_serving(loaded.model)
+        self.cuda_graphs = loaded.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.static_shapes = static_shapes
+
+    def new_batch(self, *, rows: int = 1, graphs: bool = True) -> Batch:
+        """An empty batch with its own cache. A long-lived one (the serving loop) keeps
+        its cache, and with it its CUDA graphs, for as long as it runs."""
+        cache = SlotCache(self.m.model, rows=rows, slots=256)
+        return Batch(cache, Decoder(self.m.model, cache, graphs=graphs and self.cuda_graphs,
+                                    static=self.static_shapes))
 
     # ---------------------------------------------------------------- batch life cycle
     @torch.no_grad()
-    def prefill(self, requests: list[Request], callbacks: list[Callable[[Result], None]]) -> Batch | None:
-        """Run the prompts of new requests; requests that need no generation finish
-        here. Returns the batch of sequences still to decode (or None)."""
-        dev = self.m.device
+    def prefill(self, batch: Batch, requests: list[Request], callbacks: list[Callable[[Result], None]]) -> None:
+        """Run the prompts of new requests into the rows after batch's running ones.
+        Requests that need no generation (max_tokens 0) finish here; the others join."""
+        dev, n0 = self.m.device, len(batch)
         lens = [len(r.prompt_ids) for r in requests]
-        if min(lens) == 0:
-            raise ValueError("empty prompt")
-        B, L = len(requests), max(lens)
-        room = max(r.params.max_tokens for r in requests)
-        # Built on the host and copied once: per-row writes would be B small copies each.
-        ids = torch.tensor([[0] * (L - n) + list(r.prompt_ids) for r, n in zip(requests, lens)]).to(dev)
-        pads = torch.tensor([L - n for n in lens])
-        key_valid = (torch.arange(L + room)[None] >= pads[:, None]).to(dev)  # (B, L + room): False = padding
-        positions = (torch.arange(L)[None] - pads[:, None]).clamp(min=0).to(dev)  # (B, L)
-        cache = KVCache(self.m.model, B, L + room)
+        for r, n in zip(requests, lens):
+            if n == 0:
+                raise ValueError("empty prompt")
+            if n + r.params.max_tokens > self.context:
+                raise ValueError(f"{n} prompt tokens + max_tokens {r.params.max_tokens} exceed the model's "
+                                 f"context of {self.context}")
+        m, L = len(requests), max(lens)
+        batch.cache.reserve(n0 + m, L)
+        # Built on the host and copied once: per-row writes would be m small copies each.
+        ids = torch.tensor([list(r.prompt_ids) + [0] * (L - n) for r, n in zip(requests, lens)]).to(dev)
         need_all = any(r.prompt_logprobs for r in requests)
-        logits = forward_cached(self.m.model, cache, ids, positions, key_valid, all_logits=need_all)
-        seqs: list = [None] * B  # None: finished at prefill (max_tokens 0)
-        rows = []
+        logits = prefill(self.m.model, batch.cache, n0, ids, torch.tensor(lens).to(dev), all_logits=need_all)
+        seqs: list = []
         for i, (r, cb) in enumerate(zip(requests, callbacks)):
             res = Result(r.prompt_ids, [], "", "length")
             if r.prompt_logprobs:
-                res.prompt_logprobs = self._prompt_logprobs(logits[i, L - lens[i]:], r)
+                res.prompt_logprobs = self._prompt_logprobs(logits[i, :lens[i]], r)
             if r.params.max_tokens == 0:
                 cb(res)
+                seqs.append(None)  # finished: its row is freed below
                 continue
             seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
             seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
-            seqs[i] = _Seq(r, res, cb, torch.Generator().manual_seed(seed), seen)
-            rows.append(i)
-        if not rows:
-            return None
-        logits = logits[:, -1] if need_all else logits  # (B, V)
-        batch = Batch(seqs, cache, key_valid, logits, torch.tensor(lens, device=dev), [L - n for n in lens])
-        if len(rows) < B:
-            batch.keep(rows)
-        return batch
+            seqs.append(_Seq(r, res, cb, torch.Generator().manual_seed(seed), seen))
+        if need_all:
+            logits = logits[torch.arange(m, device=dev), torch.tensor(lens, device=dev) - 1]  # (m, V)
+        batch.seqs += seqs
+        batch.lengths += lens
+        batch.logits = logits if batch.logits is None or n0 == 0 else torch.cat([batch.logits, logits])
+        if None in seqs:
+            batch.keep([row for row, s in enumerate(batch.seqs) if s is not None])
 
     @torch.no_grad()
-    def join(self, a: Batch, b: Batch) -> Batch:
-        """One batch from two: cache slots right-aligned (keys already carry their RoPE
-        positions, so moving them is exact), with room for every row's remaining tokens."""
-        S = max(a.cache.length, b.cache.length)
-        room = max(s.req.params.max_tokens - len(s.res.output_ids) for s in a.seqs + b.seqs)
-        cache = KVCache(self.m.model, len(a) + len(b), S + room)
-        key_valid = torch.ones(len(a) + len(b), S + room, dtype=torch.bool, device=self.m.device)
-        row = 0
-        for part in (a, b):
-            n, off = len(part), S - part.cache.length
-            cache.put_rows(row, off, part.cache)
-            key_valid[row:row + n, :off] = False
-            key_valid[row:row + n, off:S] = part.key_valid[:, :part.cache.length]
-            row += n
-        cache.length = S
-        first = [f + S - a.cache.length for f in a.first_slot] + [f + S - b.cache.length for f in b.first_slot]
-        return Batch(a.seqs + b.seqs, cache, key_valid, torch.cat([a.logits, b.logits]),
-                     torch.cat([a.positions, b.positions]), first)
-
-    @torch.no_grad()
-    def step(self, batch: Batch) -> Batch | None:
+    def step(self, batch: Batch) -> None:
         """Choose one token for every running sequence; finished ones leave (their
         callback gets the result); the rest run one decode step."""
         dev = self.m.device
@@ -197,15 +190,14 @@ class Engine(TextCodec):
             # Wait for the GPU with the GIL released (.tolist() below would wait holding
             # it), so other threads of this process run meanwhile.
             torch.cuda.synchronize(dev)
-        greedy_ids = batch.logits.argmax(-1)  # (B,) one op for every greedy row
-        greedy = greedy_ids.tolist()
-        still, new_tokens, all_greedy = [], [], True
+        greedy = batch.logits.argmax(-1).tolist()  # one op for every greedy row
+        still, tokens = [], []
         for row, seq in enumerate(batch.seqs):
             p, res = seq.req.params, seq.res
             if p.temperature <= 0 and seq.seen is None:
                 tok = greedy[row]
             else:
-                tok, all_greedy = next_token(batch.logits[row], p, seq.seen, seq.generator), False
+                tok = next_token(batch.logits[row], p, seq.seen, seq.generator)
             if p.logprobs is not None:
                 res.output_logprobs = res.output_logprobs or []
                 res.output_logprobs.append(_logprob_entry(torch.log_softmax(batch.logits[row], -1), tok, p.logprobs))
@@ -220,23 +212,26 @@ class Engine(TextCodec):
                 seq.done(res)
             else:
                 still.append(row)
-                new_tokens.append(tok)
+                tokens.append(tok)
         if not still:
-            return None
+            batch.seqs, batch.lengths, batch.logits = [], [], None
+            return
         if len(still) < len(batch):
-            greedy_ids = greedy_ids[batch.keep(still)]
-        tokens = greedy_ids if all_greedy else torch.tensor(new_tokens, device=dev)
-        pos, batch.positions = batch.positions, batch.positions + 1
-        batch.logits = forward_cached(self.m.model, batch.cache, tokens[:, None], pos[:, None], batch.key_valid)
-        return batch
+            token_of = dict(zip(still, tokens))
+            tokens = [token_of[old] for old in batch.keep(still)]
+        positions = batch.lengths
+        batch.cache.reserve(len(batch), max(positions) + 1)
+        batch.logits = batch.decoder(tokens, positions)
+        batch.lengths = [n + 1 for n in positions]
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run a fixed list of requests to completion (all in one batch)."""
         results: list = [None] * len(requests)
         callbacks = [(lambda i: lambda res: results.__setitem__(i, res))(i) for i in range(len(requests))]
-        batch = self.prefill(requests, callbacks)
-        while batch is not None:
-            batch = self.step(batch)
+        batch = self.new_batch(rows=len(requests), graphs=False)
+        self.prefill(batch, requests, callbacks)
+        while len(batch):
+            self.step(batch)
         return results
 
     # ---------------------------------------------------------------- per token
@@ -308,34 +303,30 @@ class BatchLoop:
         self.engine, self.take, self.on_batch = engine, take, on_batch
 
     def run(self) -> None:
-        batch: Batch | None = None
+        batch = self.engine.new_batch(rows=self.engine.max_batch)  # one cache (and its graphs) for the loop's life
         while True:
-            running = len(batch) if batch is not None else 0
-            new = self.take(batch is None, self.engine.max_batch - running)
+            new = self.take(not batch, self.engine.max_batch - len(batch))
             if new is None:
-                if batch is not None:
-                    for seq in batch.seqs:
-                        seq.done(RuntimeError("the engine is shutting down"))
+                for seq in batch.seqs:
+                    seq.done(RuntimeError("the engine is shutting down"))
                 return
             if new:
                 try:
-                    joined = self.engine.prefill([r for r, _ in new], [resolve for _, resolve in new])
-                    if joined is not None:
-                        batch = joined if batch is None else self.engine.join(batch, joined)
+                    self.engine.prefill(batch, [r for r, _ in new], [resolve for _, resolve in new])
                 except Exception as exc:  # noqa: BLE001 - fail the new requests, keep the running ones
                     for _, resolve in new:
                         resolve(exc)
-            if batch is None:
+            if not batch:
                 continue
             try:
                 size, started = len(batch), time.perf_counter()
-                batch = self.engine.step(batch)
+                self.engine.step(batch)
                 if self.on_batch:
                     self.on_batch(size, time.perf_counter() - started)
             except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
                 for seq in batch.seqs:
                     seq.done(exc)
-                batch = None
+                batch.seqs, batch.lengths, batch.logits = [], [], None
 
 
 class Batcher:

@@ -42,12 +42,12 @@ class EngineClient:
     """Parent side: starts the engine process, sends requests, resolves their futures."""
 
     def __init__(self, name: str, path: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
-                 wait_ms: float = 5.0, on_batch: OnBatch | None = None):
+                 wait_ms: float = 5.0, on_batch: OnBatch | None = None, cuda_graphs: bool | None = None):
         self.name, self.on_batch = name, on_batch
         ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
         self.conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(target=engine_main, name=f"zerolm-engine-{name}", daemon=True,
-                                args=(child_conn, name, str(path), device, dtype, max_batch, wait_ms))
+                                args=(child_conn, name, str(path), device, dtype, max_batch, wait_ms, cuda_graphs))
         self.proc.start()
         child_conn.close()  # the child's end lives in the child: EOF here when it exits
         self.device, self.dtype = self._wait_ready()
@@ -142,14 +142,16 @@ class EngineClient:
 
 
 # ---------------------------------------------------------------------- engine process
-def engine_main(conn, name: str, path: str, device: str, dtype: str, max_batch: int, wait_ms: float) -> None:
+def engine_main(conn, name: str, path: str, device: str, dtype: str, max_batch: int, wait_ms: float,
+                cuda_graphs: bool | None = None) -> None:
     """Entry point of the engine process: load, report, then run the batch loop until
     the parent closes the pipe or asks to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server; the server stops this
     from serve.loading import load_model
 
     try:
-        engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch)
+        engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch,
+                        cuda_graphs=cuda_graphs)
     except Exception as exc:  # noqa: BLE001 - any load failure goes back to the parent as one line
         conn.send(("load_error", str(exc) if isinstance(exc, UserError) else
                    f"model {name!r}: cannot load {path}: {type(exc).__name__}: {exc}"))

@@ -38,9 +38,11 @@ class Registry:
         self.models: dict[str, ServedModel] = {}
 
     def add(self, name: str, path: str, *, device: str = "auto", dtype: str = "auto", max_batch: int = 32,
-            wait_ms: float = 5.0, on_batch=None, engine_process: bool = True) -> ServedModel:
+            wait_ms: float = 5.0, on_batch=None, engine_process: bool = True,
+            cuda_graphs: bool | None = None) -> ServedModel:
         """engine_process: run the model in its own process (the server's default, see
-        serve/engine_process.py); False runs it on a thread of this one."""
+        serve/engine_process.py); False runs it on a thread of this one. cuda_graphs:
+        None = on when the model is on a GPU (serve/decoder.py)."""
         if name in self.models:
             raise UserError(f"model name {name!r} given twice")
         if engine_process:
@@ -48,11 +50,12 @@ class Registry:
 
             loaded = load_model(name, path, device=device, dtype=dtype, weights=False)  # bad folders fail here
             batcher = EngineClient(name, str(loaded.path), device=device, dtype=dtype, max_batch=max_batch,
-                                   wait_ms=wait_ms, on_batch=on_batch)
+                                   wait_ms=wait_ms, on_batch=on_batch, cuda_graphs=cuda_graphs)
             loaded.device, loaded.dtype = torch.device(batcher.device), getattr(torch, batcher.dtype)
             codec = TextCodec(loaded, max_batch=max_batch)
         else:
-            engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch)
+            engine = Engine(load_model(name, path, device=device, dtype=dtype), max_batch=max_batch,
+                            cuda_graphs=cuda_graphs)
             codec, batcher = engine, Batcher(engine, wait_ms=wait_ms, on_batch=on_batch)
         served = ServedModel(name, codec, batcher, int(time.time()))
         self.models[name] = served

@@ -9,7 +9,7 @@ from zerolm.errors import UserError
 
 def build_app(model_specs: list[str], *, api_key: str | None = None, device: str = "auto", dtype: str = "auto",
               max_batch: int = 32, wait_ms: float = 5.0, max_body_bytes: int = 8 << 20,
-              engine_process: bool = True):
+              engine_process: bool = True, cuda_graphs: bool | None = None):
     if not model_specs:
         raise UserError("no model to serve: give --model NAME=DIR (a run folder or its hf/ export)")
     metrics = Metrics()
@@ -17,7 +17,8 @@ def build_app(model_specs: list[str], *, api_key: str | None = None, device: str
     try:
         for name, path in parse_model_specs(model_specs):
             registry.add(name, path, device=device, dtype=dtype, max_batch=max_batch, wait_ms=wait_ms,
-                         on_batch=metrics.observe_step, engine_process=engine_process)
+                         on_batch=metrics.observe_step, engine_process=engine_process,
+                         cuda_graphs=cuda_graphs)
     except BaseException:
         registry.close()  # engines already started for earlier models
         raise

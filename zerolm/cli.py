@@ -163,7 +163,8 @@ def cmd_serve(args) -> int:
     from serve.server import serve
 
     serve(args.model or [], host=args.host, port=args.port, api_key=args.api_key, device=args.device,
-          dtype=args.dtype, max_batch=args.max_batch, engine_process=not args.engine_thread)
+          dtype=args.dtype, max_batch=args.max_batch, engine_process=not args.engine_thread,
+          cuda_graphs=False if args.no_cuda_graphs else None)
     return 0
 
 
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--engine-thread", action="store_true",
                      help="run the model on a thread of the HTTP process instead of its own process "
                           "(slower under load: both share one GIL)")
+    srv.add_argument("--no-cuda-graphs", action="store_true",
+                     help="on a GPU, launch every decode step's kernels one by one instead of replaying "
+                          "a captured CUDA graph (slower; for debugging)")
     srv.set_defaults(func=cmd_serve)
 
     ev = sub.add_parser("eval", help="evaluate a model: bits per byte, CMMLU/C-Eval, ARC")

@@ -1,13 +1,16 @@
-"""The engine against the plain training model: the KV-cached, batched, left-padded
-decode must produce what full forward passes produce, token for token."""
+"""The engine against the plain training model: the KV-cached, batched decode (each
+sequence in its own cache row, at its own position) must produce what full forward
+passes produce, token for token, in eager shapes and in the rounded-up shapes that
+CUDA graphs replay."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from serve.engine import Engine, Request
-from serve.kv import KVCache, forward_cached
+from serve.decoder import Decoder
+from serve.engine import Batch, Engine, Request
+from serve.kv import SlotCache, decode, prefill
 from serve.loading import load_model
 from serve.sampling import SamplingParams
 
@@ -30,8 +33,10 @@ def prompts(engine, k: int) -> list[list[int]]:
     return [engine.encode(t) for t in texts[:k]]
 
 
-def test_cached_decode_logits_equal_full_forward(engine):
-    check_cached_decode(engine.m.model, prompts(engine, 3))  # different lengths: left padding
+@pytest.mark.parametrize("padded", [False, True], ids=["exact", "padded"])
+def test_cached_decode_logits_equal_full_forward(engine, padded):
+    """padded: dummy rows and a longer key length, as a CUDA graph's shapes have."""
+    check_cached_decode(engine.m.model, prompts(engine, 3), padded)  # different lengths
 
 
 @pytest.mark.parametrize("overrides", [dict(bias=True, n_kv_heads=1, tie_embeddings=False),
@@ -49,60 +54,87 @@ def test_cached_decode_other_shapes(overrides):
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
-    check_cached_decode(model, [[5, 17, 42, 7, 99], [3, 250], [11, 12, 13]])
+    check_cached_decode(model, [[5, 17, 42, 7, 99], [3, 250], [11, 12, 13]], padded=True)
 
 
-def check_cached_decode(model, ps: list[list[int]]) -> None:
+def check_cached_decode(model, ps: list[list[int]], padded: bool) -> None:
     B, L = len(ps), max(map(len, ps))
-    ids = torch.zeros(B, L + 4, dtype=torch.long)
-    valid = torch.ones(B, L + 4, dtype=torch.bool)
-    for i, p in enumerate(ps):
-        ids[i, L - len(p):L] = torch.tensor(p)
-        valid[i, :L - len(p)] = False
-    pads = torch.tensor([L - len(p) for p in ps])
-    cache = KVCache(model, B, L + 4)
-    pos = (torch.arange(L)[None] - pads[:, None]).clamp(min=0)
-    logits = forward_cached(model, cache, ids[:, :L], pos, valid)
+    cache = SlotCache(model, rows=B + 2, slots=L + 8)
+    ids = torch.tensor([p + [0] * (L - len(p)) for p in ps])
+    logits = prefill(model, cache, 0, ids, torch.tensor([len(p) for p in ps]))
     seqs = [list(p) for p in ps]
-    for step in range(4):
+    for _ in range(4):
         with torch.no_grad():
             for i, s in enumerate(seqs):
                 full = model(torch.tensor(s)[None])[0, -1].float()
                 torch.testing.assert_close(logits[i], full, rtol=1e-4, atol=1e-4)
         nxt = logits.argmax(-1)
+        positions = [len(s) for s in seqs]
         for i, s in enumerate(seqs):
             s.append(int(nxt[i]))
-        logits = forward_cached(model, cache, nxt[:, None], (pos[:, -1:] + step + 1), valid)
+        tokens, pos, keys = nxt.tolist(), positions, max(positions) + 1
+        if padded:  # dummy token 0 at slot 0 of the spare rows; keys up to the cache's end
+            tokens, pos, keys = tokens + [0, 0], pos + [0, 0], cache.slots
+        logits = decode(model, cache, torch.tensor(tokens), torch.tensor(pos), keys)[:B]
 
 
-def test_batched_generation_equals_full_forward_greedy(engine):
-    ps = prompts(engine, 6)
-    results = engine.generate([Request(p, SamplingParams(max_tokens=12, temperature=0)) for p in ps])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_batched_generation_equals_full_forward_greedy(engine, static):
+    ps = prompts(engine, 6)  # 6 rows: static shapes run 8, two of them dummies
+    eng = Engine(engine.m, static_shapes=static)
+    results = eng.generate([Request(p, SamplingParams(max_tokens=12, temperature=0)) for p in ps])
     for p, res in zip(ps, results):
         assert res.output_ids == greedy_by_full_forward(engine.m.model, p, 12)
 
 
-def test_requests_joining_a_running_batch_decode_as_alone(engine):
-    """Rows join a running batch and leave it at different steps; the oldest leaves
-    first, so the slots only it used are cut: the cache spans the longest live row."""
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_requests_joining_a_running_batch_decode_as_alone(engine, static):
+    """Rows join a running batch and leave it at different steps. The first row leaves
+    first, so a later row moves into its cache row; the cache starts too small and
+    grows (new rows, more slots) while sequences are running."""
     ps = prompts(engine, 4)
-    ps[0] = ps[0] + ps[1] + ps[2]  # the oldest row is also the longest
-    budgets = [4, 10, 8, 6]
+    ps[1] = ps[1] + ps[2] + ps[0]  # a long one, so the slots must grow
+    budgets = [4, 12, 8, 10]
     alone = [engine.generate([Request(p, SamplingParams(max_tokens=n, temperature=0))])[0].output_ids
              for p, n in zip(ps, budgets)]
+    cache = SlotCache(engine.m.model, rows=1, slots=8)
+    batch = Batch(cache, Decoder(engine.m.model, cache, static=static))
     got: dict[int, list[int]] = {}
     cb = lambda i: (lambda res: got.__setitem__(i, res.output_ids))  # noqa: E731
-    first = engine.prefill([Request(ps[0], SamplingParams(max_tokens=budgets[0], temperature=0))], [cb(0)])
-    batch = engine.step(engine.step(first))  # two tokens in, the others arrive
-    later = engine.prefill([Request(p, SamplingParams(max_tokens=n, temperature=0))
-                            for p, n in zip(ps[1:], budgets[1:])], [cb(1), cb(2), cb(3)])
-    batch = engine.join(batch, later)
-    lengths = []
-    while batch is not None:
-        batch = engine.step(batch)
-        if batch is not None:
-            live = max(len(s.res.prompt_ids) + len(s.res.output_ids) for s in batch.seqs)
-            assert batch.cache.length == live and min(batch.first_slot) == 0
-            lengths.append(batch.cache.length)
+    engine.prefill(batch, [Request(ps[0], SamplingParams(max_tokens=budgets[0], temperature=0))], [cb(0)])
+    engine.step(batch)
+    engine.step(batch)  # two tokens in, the others arrive
+    engine.prefill(batch, [Request(p, SamplingParams(max_tokens=n, temperature=0))
+                           for p, n in zip(ps[1:], budgets[1:])], [cb(1), cb(2), cb(3)])
+    versions, moved = {cache.version}, False
+    while batch:
+        first = batch.seqs[0]
+        engine.step(batch)
+        versions.add(cache.version)
+        moved |= bool(batch) and batch.seqs[0] is not first
+        for seq, length in zip(batch.seqs, batch.lengths):  # each row holds its own tokens
+            assert length == len(seq.res.prompt_ids) + len(seq.res.output_ids)  # all fed
     assert got == dict(enumerate(alone))
-    assert lengths != sorted(lengths)  # the cache shrank when the oldest row left
+    assert moved and len(versions) > 1  # a row moved, and the cache grew mid-decoding
+
+
+def test_prompt_beyond_the_context_is_a_clear_error(engine):
+    ctx = engine.context
+    batch = engine.new_batch()
+    with pytest.raises(ValueError, match="context"):
+        engine.prefill(batch, [Request([5] * (ctx - 3), SamplingParams(max_tokens=4))], [print])
+    assert len(batch) == 0  # nothing was half-added
+
+
+def test_scoring_only_requests_free_their_rows_at_prefill(engine):
+    """max_tokens 0 (echo/score) rows finish at prefill, between generating ones: a
+    later row moves into a freed one and still decodes as alone."""
+    ps = prompts(engine, 4)
+    params = [SamplingParams(max_tokens=n, temperature=0, logprobs=1) for n in (0, 6, 0, 5)]
+    reqs = [Request(p, sp, prompt_logprobs=True) for p, sp in zip(ps, params)]
+    together = engine.generate(reqs)
+    for req, res in zip(reqs, together):
+        alone = engine.generate([req])[0]
+        assert res.output_ids == alone.output_ids and len(res.output_ids) == req.params.max_tokens
+        assert [e and e.logprob for e in res.prompt_logprobs] == pytest.approx(
+            [e and e.logprob for e in alone.prompt_logprobs], abs=1e-5)
