@@ -33,16 +33,18 @@ def sync(dev: torch.device) -> None:
 
 def engine_rows(model_dir: str, prompt_tokens: int, new_tokens: int) -> list[dict]:
     """The serving loop's decode (one long-lived batch, as BatchLoop keeps) at batch 1, 8
-    and 32: eager, and on a GPU with CUDA graphs (on CPU: eager in the graphs' padded
-    shapes, what the graphs cost in extra arithmetic)."""
+    and 32: eager; eager in the padded shapes CUDA graphs use ("static"); and on a GPU
+    with the graphs. Also whether each mode generated the same greedy tokens as the one
+    it should match (graphs: static, bit for bit; static: eager, up to rounding)."""
     from serve.engine import Engine, Request
     from serve.loading import load_model
     from serve.sampling import SamplingParams
 
     loaded = load_model("m", model_dir)
     text = Path(__file__).read_text(encoding="utf-8") * 8  # any real text; this file will do
-    modes = ["eager", "graphs" if loaded.device.type == "cuda" else "static"]
-    rows = []
+    modes = ["eager", "static"] + (["graphs"] if loaded.device.type == "cuda" else [])
+    reference = {"static": "eager", "graphs": "static"}
+    rows, outputs = [], {}
     for mode in modes:
         eng = Engine(loaded, max_batch=64, cuda_graphs=mode == "graphs", static_shapes=mode == "static")
         ids = eng.encode(text)
@@ -50,17 +52,26 @@ def engine_rows(model_dir: str, prompt_tokens: int, new_tokens: int) -> list[dic
         for size in (1, 8, 32):
             reqs = [Request(ids[i * 7: i * 7 + prompt_tokens], SamplingParams(max_tokens=new_tokens, temperature=0))
                     for i in range(size)]
+            got: dict[int, list[int]] = {}
             for timed in (False, True):  # the first run warms up (and captures the graphs)
                 sync(eng.m.device)
                 t = time.perf_counter()
-                eng.prefill(batch, reqs, [lambda res: None] * size)
+                eng.prefill(batch, reqs, [(lambda i: lambda res: got.__setitem__(i, res.output_ids))(i)
+                                          for i in range(size)])
                 while batch:
                     eng.step(batch)
                 sync(eng.m.device)
                 secs = time.perf_counter() - t
-            rows.append({"what": f"engine_{mode}", "batch": size, "step_ms": 1000 * secs / new_tokens,
-                         "tokens_per_s": size * new_tokens / secs, "device": str(eng.m.device),
-                         "graphs_captured": batch.decoder.captures})
+            outputs[mode, size] = [got[i] for i in range(size)]
+            row = {"what": f"engine_{mode}", "batch": size, "step_ms": 1000 * secs / new_tokens,
+                   "tokens_per_s": size * new_tokens / secs, "device": str(eng.m.device)}
+            if mode in reference:
+                ref = outputs[reference[mode], size]
+                row["same_tokens_as_" + reference[mode]] = sum(a == b for x, y in zip(ref, outputs[mode, size])
+                                                               for a, b in zip(x, y)) / (size * new_tokens)
+            if mode == "graphs":
+                row["graphs_captured"], row["graphs_on"] = batch.decoder.captures, batch.decoder.graphs
+            rows.append(row)
     return rows
 
 
@@ -108,11 +119,12 @@ def main() -> None:
     rows += engine_rows(args.model, args.prompt_tokens, args.new_tokens)
     for row in rows:
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    print(f"\n{'what':<16}{'batch':>6}{'backend':>11}{'ms':>9}{'tok/s':>10}")
+    print(f"\n{'what':<16}{'batch':>6}{'backend':>11}{'ms':>9}{'tok/s':>10}{'same tokens':>13}")
     for r in rows:
         ms = r.get("ms_per_call", r.get("step_ms"))
         print(f"{r['what']:<16}{r['batch']:>6}{r.get('backend', ''):>11}"
-              f"{'error' if ms is None else f'{ms:.3f}':>9}{r.get('tokens_per_s', 0):>10.0f}")
+              f"{'error' if ms is None else f'{ms:.3f}':>9}{r.get('tokens_per_s', 0):>10.0f}"
+              f"{next((f'{v:.3f}' for k, v in r.items() if k.startswith('same_tokens')), ''):>13}")
 
 
 if __name__ == "__main__":

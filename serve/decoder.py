@@ -20,6 +20,7 @@ eagerly, which is how the CPU tests check what a graph would compute.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -29,6 +30,7 @@ from train.model import Transformer
 log = logging.getLogger(__name__)
 
 MIN_KEY_BUCKET = 64  # smallest key length a graph is captured for
+_CAPTURE_LOCK = threading.Lock()  # PyTorch allows one capture per process at a time (engine threads)
 
 
 class Decoder:
@@ -40,11 +42,13 @@ class Decoder:
         self._version = -1  # cache.version the buffer and graphs below were made for
         self._inputs: torch.Tensor | None = None  # (2, cache.rows): tokens, positions
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool = None  # one memory pool for all graphs of a cache (they never run at once)
+        self._stream = None  # the stream the graphs are warmed up and captured on
         self.captures = 0  # graphs captured so far (tests, metrics)
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits (n, V) after feeding tokens[i] at slot positions[i] of row i (rows [0, n))."""
+        """Logits (n, V) after feeding tokens[i] at slot positions[i] of row i (rows [0, n)).
+        With graphs they are a view of a graph's output: valid until the next call."""
         n, key_len = len(tokens), max(positions) + 1
         dev = self.cache.device
         if not self.static:
@@ -55,6 +59,7 @@ class Decoder:
         if self._version != self.cache.version:
             self._inputs = torch.zeros(2, self.cache.rows, dtype=torch.long, device=dev)
             self._captured.clear()  # they hold the old cache's addresses
+            self._pool = None  # and the old pool may still hold memory (the last logits): start a new one
             self._version = self.cache.version
         pad = rows - n  # dummy rows: token 0 at slot 0 of rows no sequence owns
         self._inputs[:, :rows].copy_(torch.tensor([tokens + [0] * pad, positions + [0] * pad]))
@@ -72,35 +77,43 @@ class Decoder:
         if entry is None:
             return None
         graph, out = entry
-        graph.replay()
+        with torch.cuda.device(self.cache.device):  # graphs replay on the device they were captured on
+            graph.replay()
         return out
 
     def _capture(self, rows: int, keys: int):
         """Capture the step for these shapes from the current inputs. The warm-up run
         (needed before a capture) and the replay write the same keys and values to the
         same slots, so capturing in the middle of decoding changes nothing."""
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                eager = self._step(rows, keys)
-            torch.cuda.current_stream().wait_stream(side)
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._step(rows, keys)
-            graph.replay()
-            if not torch.allclose(out, eager, rtol=1e-3, atol=1e-3):
-                raise RuntimeError(f"replay differs from the eager step by {(out - eager).abs().max().item():.3g}")
-        except Exception as exc:  # noqa: BLE001 - any failure: decode eagerly from now on
-            log.warning("CUDA graph of the decode step (%d rows, %d keys) failed, decoding eagerly: %s",
-                        rows, keys, exc)
-            self.graphs = False
+        dev = self.cache.device
+        with _CAPTURE_LOCK, torch.cuda.device(dev):  # one capture per process at a time
+            previous = torch.cuda.current_stream(dev)
             try:
-                torch.cuda.synchronize()
-            except RuntimeError:
-                pass
-            return None
+                # warm-up and capture on the same stream, which all this decoder's graphs share
+                self._stream = self._stream or torch.cuda.Stream(device=dev)
+                self._stream.wait_stream(previous)
+                with torch.cuda.stream(self._stream):
+                    eager = self._step(rows, keys)
+                previous.wait_stream(self._stream)
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+                    out = self._step(rows, keys)
+                out.fill_(float("nan"))  # a replay that ran nothing would leave NaN, and fail the check
+                graph.replay()
+                if not torch.allclose(out, eager, rtol=1e-3, atol=1e-3, equal_nan=True) or out.isnan().all():
+                    raise RuntimeError("the replay differs from the eager step")
+            except Exception as exc:  # noqa: BLE001 - any failure: decode eagerly from now on
+                log.warning("CUDA graph of the decode step (%d rows, %d keys) failed, decoding eagerly: %s",
+                            rows, keys, exc)
+                torch.cuda.set_stream(previous)  # a failed capture can leave its stream current
+                self.graphs, self._pool = False, None
+                self._captured.clear()
+                try:
+                    torch.cuda.synchronize(dev)
+                except RuntimeError:
+                    pass
+                return None
         self.captures += 1
         self._captured[(rows, keys)] = (graph, out)
         return graph, out
