@@ -25,7 +25,7 @@ import torch
 from serve.decoder import Decoder
 from serve.kv import SlotCache, prefill, prepare_serving
 from serve.loading import LoadedModel
-from serve.sampling import SamplingParams, next_token
+from serve.sampling import SamplingParams, apply_repetition_penalty, sample
 
 
 @dataclass
@@ -60,7 +60,7 @@ class _Seq:
     req: Request
     res: Result
     done: Callable[[Result], None]
-    generator: torch.Generator
+    rng: random.Random  # the request's own stream: same seed, same tokens, whatever shares the batch
     seen: torch.Tensor | None  # ids so far, only with a repetition penalty
     streamed: str = ""
 
@@ -172,7 +172,7 @@ class Engine(TextCodec):
                 continue
             seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
             seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
-            seqs.append(_Seq(r, res, cb, torch.Generator().manual_seed(seed), seen))
+            seqs.append(_Seq(r, res, cb, random.Random(seed), seen))
         if need_all:
             logits = logits[torch.arange(m, device=dev), torch.tensor(lens, device=dev) - 1]  # (m, V)
         batch.seqs += seqs
@@ -190,14 +190,10 @@ class Engine(TextCodec):
             # Wait for the GPU with the GIL released (.tolist() below would wait holding
             # it), so other threads of this process run meanwhile.
             torch.cuda.synchronize(dev)
-        greedy = batch.logits.argmax(-1).tolist()  # one op for every greedy row
+        chosen = self._choose(batch)
         still, tokens = [], []
-        for row, seq in enumerate(batch.seqs):
+        for row, (seq, tok) in enumerate(zip(batch.seqs, chosen)):
             p, res = seq.req.params, seq.res
-            if p.temperature <= 0 and seq.seen is None:
-                tok = greedy[row]
-            else:
-                tok = next_token(batch.logits[row], p, seq.seen, seq.generator)
             if p.logprobs is not None:
                 res.output_logprobs = res.output_logprobs or []
                 res.output_logprobs.append(_logprob_entry(torch.log_softmax(batch.logits[row], -1), tok, p.logprobs))
@@ -223,6 +219,27 @@ class Engine(TextCodec):
         batch.cache.reserve(len(batch), max(positions) + 1)
         batch.logits = batch.decoder(tokens, positions)
         batch.lengths = [n + 1 for n in positions]
+
+    @staticmethod
+    def _choose(batch: Batch) -> list[int]:
+        """The next token of every row: greedy rows by one argmax, sampling rows by one
+        batched draw (serve/sampling.py), read back to the host together."""
+        logits, seqs = batch.logits, batch.seqs
+        penalised = [row for row, seq in enumerate(seqs) if seq.seen is not None]
+        if penalised:  # rare: one row at a time, on a copy (logprobs report the model's own)
+            logits = logits.clone()
+            for row in penalised:
+                logits[row] = apply_repetition_penalty(logits[row], seqs[row].seen,
+                                                       seqs[row].req.params.repetition_penalty)
+        sampled = [row for row, seq in enumerate(seqs) if seq.req.params.temperature > 0]
+        if len(sampled) == len(seqs):
+            return sample(logits, [s.req.params for s in seqs], [s.rng.random() for s in seqs]).tolist()
+        tokens = logits.argmax(-1)
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            tokens[rows] = sample(logits[rows], [seqs[r].req.params for r in sampled],
+                                  [seqs[r].rng.random() for r in sampled])
+        return tokens.tolist()
 
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run a fixed list of requests to completion (all in one batch)."""

@@ -138,3 +138,17 @@ def test_scoring_only_requests_free_their_rows_at_prefill(engine):
         assert res.output_ids == alone.output_ids and len(res.output_ids) == req.params.max_tokens
         assert [e and e.logprob for e in res.prompt_logprobs] == pytest.approx(
             [e and e.logprob for e in alone.prompt_logprobs], abs=1e-5)
+
+
+def test_seeded_samples_do_not_depend_on_the_batch(engine):
+    """A seeded request draws the same tokens alone and among greedy, unseeded and
+    top-k/top-p requests (each row's random stream is its own)."""
+    ps = prompts(engine, 5)
+    seeded = [SamplingParams(max_tokens=10, temperature=1.0, seed=11),
+              SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=12),
+              SamplingParams(max_tokens=10, temperature=1.2, top_k=20, seed=13)]
+    others = [SamplingParams(max_tokens=7, temperature=0), SamplingParams(max_tokens=4, temperature=1.0)]
+    alone = [engine.generate([Request(p, sp)])[0].output_ids for p, sp in zip(ps, seeded)]
+    mixed = engine.generate([Request(p, sp) for p, sp in zip(ps, seeded + others)])
+    assert [r.output_ids for r in mixed[:3]] == alone
+    assert len(set(map(tuple, alone))) == 3
