@@ -152,3 +152,46 @@ def test_seeded_samples_do_not_depend_on_the_batch(engine):
     mixed = engine.generate([Request(p, sp) for p, sp in zip(ps, seeded + others)])
     assert [r.output_ids for r in mixed[:3]] == alone
     assert len(set(map(tuple, alone))) == 3
+
+
+def byte_tokens(engine, text: str) -> list[int]:
+    """text as one byte-level token per UTF-8 byte (GPT-2's byte-to-character map), so
+    every Chinese character spans three tokens."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    char = {b: chr(b) for b in printable}
+    char.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in printable)})
+    ids = [engine.m.tokenizer.token_to_id(char[b]) for b in text.encode("utf-8")]
+    assert None not in ids
+    return ids
+
+
+def test_text_decoded_a_few_tokens_at_a_time_equals_the_whole_decode(engine):
+    """Streaming and stop strings detokenize incrementally: with Chinese characters
+    split over three tokens each, a chunk must wait for the token that completes one."""
+    import random as rnd
+
+    from serve.engine import Result, _Seq
+
+    text = "新华社北京电 The quick brown fox, 中文！ends"
+    ids = byte_tokens(engine, text)
+    chunks: list[str] = []
+    req = Request([1], SamplingParams(max_tokens=len(ids), stop=("never",)), on_text=chunks.append)
+    seq = _Seq(req, Result([1], [], "", "length"), lambda res: None, rnd.Random(0), None)
+    for i, tok in enumerate(ids):
+        finished = engine._advance(seq, tok)
+        assert "\ufffd" not in seq.res.text and text.startswith(seq.res.text)
+        engine._stream(seq, final=finished)
+    assert finished and seq.res.text == "".join(chunks) == text
+
+
+def test_stop_strings_and_streams_on_generated_text(engine):
+    for p in prompts(engine, 6):
+        chunks: list[str] = []
+        req = Request(p, SamplingParams(max_tokens=40, temperature=1.0, seed=5), on_text=chunks.append)
+        res = engine.generate([req])[0]
+        assert "".join(chunks) == res.text == engine.decode(res.output_ids)
+    whole = engine.generate([Request(prompts(engine, 1)[0], SamplingParams(max_tokens=30, temperature=0))])[0].text
+    stop = whole[12:15]
+    cut = engine.generate([Request(prompts(engine, 1)[0], SamplingParams(max_tokens=30, temperature=0,
+                                                                          stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop" and cut.text == whole[:whole.find(stop)]
