@@ -39,6 +39,7 @@ class Decoder:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.model, self.cache = model, cache
         self.graphs, self.static = graphs, static or graphs
+        self._static_asked = static
         self._version = -1  # cache.version the buffer and graphs below were made for
         self._inputs: torch.Tensor | None = None  # (2, cache.rows): tokens, positions
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -68,6 +69,21 @@ class Decoder:
             if out is not None:
                 return out[:n]
         return self._step(rows, keys)[:n]
+
+    def warm_up(self, max_keys: int = 256) -> None:
+        """Run (and with graphs, capture) every batch size at every key length up to
+        max_keys before serving, so the first requests do not wait for captures and a
+        capture that fails shows at start. The dummy tokens go to rows no sequence owns
+        yet (a prefill overwrites them)."""
+        if not self.static:
+            return
+        rows = 1
+        while rows <= self.cache.rows:
+            keys = MIN_KEY_BUCKET
+            while keys <= min(max_keys, self.cache.slots):
+                self([0] * rows, [keys - 1] * rows)
+                keys *= 2
+            rows *= 2
 
     def _step(self, rows: int, keys: int) -> torch.Tensor:
         return decode(self.model, self.cache, self._inputs[0, :rows], self._inputs[1, :rows], keys)
@@ -108,6 +124,7 @@ class Decoder:
                             rows, keys, exc)
                 torch.cuda.set_stream(previous)  # a failed capture can leave its stream current
                 self.graphs, self._pool = False, None
+                self.static = self._static_asked  # eager in exact shapes: no padding to pay for
                 self._captured.clear()
                 try:
                     torch.cuda.synchronize(dev)

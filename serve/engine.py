@@ -339,6 +339,7 @@ class BatchLoop:
 
     def run(self) -> None:
         batch = self.engine.new_batch(rows=self.engine.max_batch)  # one cache (and its graphs) for the loop's life
+        batch.decoder.warm_up()
         while True:
             new = self.take(not batch, self.engine.max_batch - len(batch))
             if new is None:

@@ -118,6 +118,22 @@ def test_requests_joining_a_running_batch_decode_as_alone(engine, static):
     assert moved and len(versions) > 1  # a row moved, and the cache grew mid-decoding
 
 
+def test_warm_up_steps_leave_no_trace(engine):
+    """The serving loop first runs every (rows, key length) shape on dummy tokens (on a
+    GPU: captures the graphs), writing into rows sequences will own later."""
+    ps = prompts(engine, 3)
+    alone = [engine.generate([Request(p, SamplingParams(max_tokens=8, temperature=0))])[0].output_ids for p in ps]
+    eng = Engine(engine.m, static_shapes=True)
+    batch = eng.new_batch(rows=4)
+    batch.decoder.warm_up()
+    got: dict[int, list[int]] = {}
+    eng.prefill(batch, [Request(p, SamplingParams(max_tokens=8, temperature=0)) for p in ps],
+                [(lambda i: lambda res: got.__setitem__(i, res.output_ids))(i) for i in range(3)])
+    while batch:
+        eng.step(batch)
+    assert got == dict(enumerate(alone))
+
+
 def test_prompt_beyond_the_context_is_a_clear_error(engine):
     ctx = engine.context
     batch = engine.new_batch()
