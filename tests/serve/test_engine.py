@@ -156,18 +156,36 @@ def test_scoring_only_requests_free_their_rows_at_prefill(engine):
             [e and e.logprob for e in alone.prompt_logprobs], abs=1e-5)
 
 
-def test_seeded_samples_do_not_depend_on_the_batch(engine):
-    """A seeded request draws the same tokens alone and among greedy, unseeded and
-    top-k/top-p requests (each row's random stream is its own)."""
+def test_seeded_requests_draw_from_their_own_stream_whatever_the_batch(engine, monkeypatch):
+    """A seeded request's random numbers are the same alone and among greedy, unseeded
+    and top-k/top-p requests. (Its tokens then match too, unless other rows change the
+    float rounding of its logits, which batched kernels do not promise to keep: so the
+    draws are compared, not the tokens.)"""
+    import serve.engine as engine_module
+
+    draws: dict[int, list[float]] = {}
+
+    def recording_sample(logits, params, uniforms):
+        for p, u in zip(params, uniforms):
+            draws.setdefault(id(p), []).append(u)
+        return real_sample(logits, params, uniforms)
+
+    real_sample = engine_module.sample
+    monkeypatch.setattr(engine_module, "sample", recording_sample)
     ps = prompts(engine, 5)
     seeded = [SamplingParams(max_tokens=10, temperature=1.0, seed=11),
               SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=12),
               SamplingParams(max_tokens=10, temperature=1.2, top_k=20, seed=13)]
     others = [SamplingParams(max_tokens=7, temperature=0), SamplingParams(max_tokens=4, temperature=1.0)]
-    alone = [engine.generate([Request(p, sp)])[0].output_ids for p, sp in zip(ps, seeded)]
-    mixed = engine.generate([Request(p, sp) for p, sp in zip(ps, seeded + others)])
-    assert [r.output_ids for r in mixed[:3]] == alone
-    assert len(set(map(tuple, alone))) == 3
+    alone = []
+    for p, sp in zip(ps, seeded):
+        engine.generate([Request(p, sp)])
+        alone.append(draws.pop(id(sp)))
+    engine.generate([Request(p, sp) for p, sp in zip(ps, seeded + others)])
+    mixed = [draws[id(sp)] for sp in seeded]
+    assert all(len(a) >= 5 for a in alone)
+    assert [m[:len(a)] for m, a in zip(mixed, alone)] == [a[:len(m)] for m, a in zip(mixed, alone)]
+    assert len({a[0] for a in alone}) == 3  # different seeds, different streams
 
 
 def byte_tokens(engine, text: str) -> list[int]:
