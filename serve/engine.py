@@ -137,6 +137,8 @@ class Engine(TextCodec):
             raise ValueError(f"model {loaded.name!r} was loaded without its weights")
         super().__init__(loaded, max_batch=max_batch)
         prepare_serving(loaded.model)
+        if cuda_graphs and loaded.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; model {loaded.name!r} is on {loaded.device}")
         self.cuda_graphs = loaded.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.static_shapes = static_shapes
 
