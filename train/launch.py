@@ -7,6 +7,8 @@ rebuilds the config from a plain dict, so nothing but JSON crosses process borde
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
 from train.config import TrainConfig
@@ -58,4 +60,13 @@ def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
                              failure_config=FailureConfig(max_failures=s.max_failures),
                              worker_runtime_env={"env_vars": env}),
     )
-    trainer.fit()
+    # Ray Train's fit() installs a SIGINT handler that aborts its run controller and
+    # leaves it installed: a later Ctrl-C in this process (`zerolm demo` serves after
+    # training) then called the dead controller, printed a traceback and started a new
+    # local Ray instance on the way out. Put the caller's handler back.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit()
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -4,6 +4,7 @@ worker, HF export equality, errors before any worker starts, and that it learns.
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 
@@ -43,7 +44,11 @@ def losses(run_dir) -> list[float]:
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tokens_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "run"
+    handler = signal.getsignal(signal.SIGINT)
     result = run_pretrain(config(tokens_dir, out), echo=lambda *_: None)
+    # Ray Train's fit() leaves its own Ctrl-C handler behind; the launcher restores ours
+    # (the demo serves in the same process after training, and Ctrl-C must stop it)
+    assert signal.getsignal(signal.SIGINT) is handler
     return out, result
 
 
