@@ -96,6 +96,10 @@ class Batch:
             self.logits = self.logits[torch.tensor(order, dtype=torch.long, device=self.logits.device)]
         return order
 
+    def clear(self) -> None:
+        """Drop every sequence (the cache and its CUDA graphs stay for the next ones)."""
+        self.seqs, self.lengths, self.logits = [], [], None
+
     def __len__(self) -> int:
         return len(self.seqs)
 
@@ -217,7 +221,7 @@ class Engine(TextCodec):
                 still.append(row)
                 tokens.append(tok)
         if not still:
-            batch.seqs, batch.lengths, batch.logits = [], [], None
+            batch.clear()
             return
         if len(still) < len(batch):
             token_of = dict(zip(still, tokens))
@@ -364,7 +368,7 @@ class BatchLoop:
             except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
                 for seq in batch.seqs:
                     seq.done(exc)
-                batch.seqs, batch.lengths, batch.logits = [], [], None
+                batch.clear()
 
 
 class Batcher:

@@ -142,6 +142,11 @@ def test_prompt_beyond_the_context_is_a_clear_error(engine):
     assert len(batch) == 0  # nothing was half-added
 
 
+def test_cuda_graphs_asked_for_off_a_gpu_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        Engine(engine.m, cuda_graphs=True)
+
+
 def test_scoring_only_requests_free_their_rows_at_prefill(engine):
     """max_tokens 0 (echo/score) rows finish at prefill, between generating ones: a
     later row moves into a freed one and still decodes as alone."""
