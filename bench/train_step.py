@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench is run fro
 
 import torch  # noqa: E402
 
-from train.config import TrainConfig  # noqa: E402
+from train.config import StageConfig  # noqa: E402
 from train.distributed import setup  # noqa: E402
 from train.loop import build_engine, train_step  # noqa: E402
 from train.model import Transformer  # noqa: E402
@@ -41,11 +41,14 @@ class RandomTokens:
         g = torch.Generator().manual_seed(0)
         self.data = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), generator=g).to(device)
 
+    name = "random-tokens"
+
     def micro_batch(self, step: int, micro: int) -> dict:
-        return {"x": self.data[:, :-1], "y": self.data[:, 1:]}
+        n = self.batch * self.seq
+        return {"x": self.data[:, :-1], "y": self.data[:, 1:], "count": n, "tokens": n}
 
     def loss(self, engine, batch):
-        return engine(batch["x"], batch["y"])[1], {}
+        return engine(batch["x"], batch["y"], reduction="sum")[1], batch["count"], {}
 
 
 def sync(device) -> None:
@@ -71,7 +74,7 @@ def time_fn(step, device, warmup: int, steps: int) -> tuple[float, float]:
 
 def bench_ours(args, mcfg, ctx, compiled: bool, zero: int, amp: bool = False) -> tuple[float, float]:
     precision = ("amp_bf16" if amp else "bf16") if args.device == "cuda" else "fp32"
-    cfg = TrainConfig.model_validate({
+    cfg = StageConfig.model_validate({
         "output": "/tmp/unused", "max_steps": 10**6, "compile": compiled,
         "data": {"seq_len": args.seq, "micro_batch_size": args.batch},
         "deepspeed": {"zero_stage": zero, "precision": precision}})
@@ -79,7 +82,7 @@ def bench_ours(args, mcfg, ctx, compiled: bool, zero: int, amp: bool = False) ->
     model = Transformer(mcfg).to(ctx.device)
     engine, _, _ = build_engine(cfg, model, ctx, total_steps=10**6)
     task = RandomTokens(mcfg, args.batch, args.seq, ctx.device)
-    return time_fn(lambda: train_step(engine, task, 0, 1), ctx.device, args.warmup, args.steps)
+    return time_fn(lambda: train_step(engine, task, 0, 1, ctx), ctx.device, args.warmup, args.steps)
 
 
 def bench_hf(args, mcfg, device, compiled: bool) -> tuple[float, float]:

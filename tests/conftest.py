@@ -83,16 +83,16 @@ def tokens_dir(clean_corpus, tokenizer_dir) -> Path:
 def tiny_model_dir(tokens_dir) -> Path:
     """A small model pretrained briefly on the session's tokens (no Ray: the local
     launcher), exported to RUN/hf/. For serving and evaluation tests."""
-    from train.config import TrainConfig
-    from train.pretrain_worker import run_pretrain
+    from train.config import PretrainConfig
+    from train.runner import run_stage
 
     out = tokens_dir.parent / "tiny_run"
-    cfg = TrainConfig.model_validate({
+    cfg = PretrainConfig.model_validate({
         "output": str(out), "max_steps": 60, "log_every": 20,
         "model": {"preset": "tiny", "overrides": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                                                   "max_seq_len": 256}},
         "data": {"tokens": str(tokens_dir), "seq_len": 128, "micro_batch_size": 8},
         "optim": {"lr": 3e-3}, "eval": {"every": 0, "max_windows": 4}, "checkpoint": {"every": 0},
         "scaling": {"launcher": "local"}})
-    run_pretrain(cfg, echo=lambda *_: None)
+    run_stage("pretrain", cfg, echo=lambda *_: None)
     return out

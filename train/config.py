@@ -1,5 +1,7 @@
-"""Config models of the training stages. `TrainConfig` is shared by pretrain and the
-later alignment stages (sft, reward, dpo, ppo), which add their own data sections."""
+"""Config models of the training stages. `StageConfig` holds what every stage shares
+(optimizer, schedule, DeepSpeed, checkpoints, scaling, evaluation cadence); a stage's
+own config derives from it and adds its data section and inputs (pretrain below; sft,
+reward, dpo, ppo in their modules)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,17 @@ class ModelSection(StrictModel):
     overrides: dict = Field(default_factory=dict)
 
 
-class DataSection(StrictModel):
-    tokens: str = ""  # TOKENS_DIR: the output of `zerolm pack`
+class BaseDataSection(StrictModel):
+    """What the training loop itself reads of a stage's data section."""
+
     seq_len: int = Field(default=256, ge=8)
-    micro_batch_size: int = Field(default=8, ge=1)  # sequences per worker per micro-step
+    micro_batch_size: int = Field(default=8, ge=1)  # sequences (rows) per worker per micro-step
     grad_accum: int = Field(default=1, ge=1)
     seed: int = 0
+
+
+class DataSection(BaseDataSection):
+    tokens: str = ""  # TOKENS_DIR: the output of `zerolm pack`
     # Mixture stages; None = the manifest's (if any), [] = uniform over all windows.
     mixture: Optional[list[dict]] = None
 
@@ -72,6 +79,9 @@ class DeepSpeedSection(StrictModel):
 
 class EvalSection(StrictModel):
     every: int = Field(default=100, ge=0)  # steps; 0 = only at the end
+
+
+class PretrainEvalSection(EvalSection):
     max_windows: int = Field(default=64, ge=1)  # per source of the val split
 
 
@@ -89,19 +99,19 @@ class ScalingSection(StrictModel):
     max_failures: int = Field(default=0, ge=0)  # Ray Train restarts; the loop resumes
 
 
-class TrainConfig(StrictModel):
+class StageConfig(StrictModel):
+    """Every training stage's config derives from this; the stage adds `data` (a
+    BaseDataSection) and its own inputs."""
+
     output: str = ""  # RUN_DIR
-    model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection = Field(default_factory=DataSection)
+    data: BaseDataSection = Field(default_factory=BaseDataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
-    # Length of training: steps, or tokens (converted to steps); one is required.
     max_steps: Optional[int] = Field(default=None, ge=1)
-    max_tokens: Optional[int] = Field(default=None, ge=1)
     log_every: int = Field(default=10, ge=1)
     activation_checkpointing: bool = False
     compile: bool = False
@@ -109,6 +119,14 @@ class TrainConfig(StrictModel):
     peak_tflops: Optional[float] = None
     threads_per_worker: Optional[int] = Field(default=None, ge=1)  # torch CPU threads
     export_hf: bool = True
+
+
+class PretrainConfig(StageConfig):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    eval: PretrainEvalSection = Field(default_factory=PretrainEvalSection)
+    # Length of training: steps, or tokens (converted to steps); one is required.
+    max_tokens: Optional[int] = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _length(self):

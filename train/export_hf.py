@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dataproc.tokenizer import TOKENIZER_FILES
+from dataproc.tokenizer import ENDOFTEXT, IM_END, TOKENIZER_FILES
 from train.model_config import ModelConfig
 
 # Prefixes wrappers add to parameter names: DeepSpeed / DDP, torch.compile.
@@ -175,10 +175,14 @@ def export_hf(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    chat: bool = False,
 ) -> Path:
     """Write config.json, generation_config.json, model.safetensors, model_config.json
     and (from tokenizer_dir) the tokenizer files into out_dir, replacing it atomically.
-    Token ids not given are taken from the tokenizer's files when it is given."""
+    Token ids not given are taken from the tokenizer's files when it is given.
+
+    chat=True (a chat model, e.g. after SFT): its turns end with <|im_end|>, so that is
+    the tokenizer's and the model's eos, and generate() stops at it or <|endoftext|>."""
     out_dir = Path(out_dir)
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
     tensors = to_hf_state_dict(sd, cfg, dtype)
@@ -192,6 +196,17 @@ def export_hf(
             if ids[key] is None:
                 ids[key] = value
 
+    stop_ids = None
+    if chat:
+        if tokenizer_dir is None:
+            raise ValueError("a chat export needs the tokenizer")
+        vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        specials = {t["content"]: t["id"] for t in vocab.get("added_tokens", [])}
+        if IM_END not in specials:
+            raise ValueError(f"the tokenizer in {tokenizer_dir} has no {IM_END} token")
+        ids["eos_token_id"] = specials[IM_END]
+        stop_ids = [specials[t] for t in (IM_END, ENDOFTEXT) if t in specials]
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -200,17 +215,30 @@ def export_hf(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", hf_config(cfg, dtype, **ids))
         gen = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+        if stop_ids:
+            gen["eos_token_id"] = stop_ids
         _write_json(tmp / "generation_config.json", gen)
         cfg.save(tmp)
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (tokenizer_dir / name).is_file():
                     shutil.copy2(tokenizer_dir / name, tmp / name)
+        if chat:
+            _set_eos_token(tmp, IM_END)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _set_eos_token(folder: Path, token: str) -> None:
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data["eos_token"] = token
+            _write_json(path, data)
 
 
 def _write_json(path: Path, data: dict) -> None:

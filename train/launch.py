@@ -1,7 +1,8 @@
 """Starting training workers: Ray Train's TorchTrainer (local Ray or a cluster, CPU or
 GPU workers, restarts on failure), or this very process (scaling.launcher: local;
-under torchrun each process is one rank). Either way every rank runs `worker`, which
-rebuilds the config from a plain dict, so nothing but JSON crosses process borders.
+under torchrun each process is one rank). Either way every rank runs the stage
+runner's `worker` (train/runner.py), which rebuilds the stage's config from a plain
+dict, so nothing but JSON crosses process borders.
 """
 
 from __future__ import annotations
@@ -11,31 +12,27 @@ import signal
 import threading
 from pathlib import Path
 
-from train.config import TrainConfig
-
-# task name -> "module:function" of its worker entry (imported inside the worker)
-WORKERS = {"pretrain": "train.pretrain_worker:worker"}
+from train.config import StageConfig
 
 
-def _resolve(task: str):
-    module, func = WORKERS[task].split(":")
-    import importlib
-
-    return getattr(importlib.import_module(module), func)
-
-
-def _ray_entry(config: dict) -> None:
+def _ray_entry(payload: dict) -> None:
     """Runs inside each Ray Train worker."""
-    if not config["use_gpu"]:
+    if not payload["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    _resolve(config["task"])(config)
+    from train.runner import worker
+
+    worker(payload)
 
 
-def launch(cfg: TrainConfig, task: str, *, echo=print) -> None:
-    payload = {"task": task, "config": cfg.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu,
+def launch(cfg: StageConfig, job: dict, *, echo=print) -> None:
+    """job: {"stage": name, "total_steps": n}, sent to every rank with the config."""
+    from train.runner import worker
+
+    task = job["stage"]
+    payload = {**job, "config": cfg.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu,
                "crash_at": os.environ.get("ZEROLM_CRASH_AT_STEP"), "crash_marker": os.environ.get("ZEROLM_CRASH_MARKER")}
     if cfg.scaling.launcher == "local":
-        _resolve(task)(payload, echo=echo)
+        worker(payload, echo=echo)
         return
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

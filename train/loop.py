@@ -1,45 +1,56 @@
 """The one training loop: DeepSpeed engine, steps, logging, evaluation, checkpoints.
 
-pretrain, sft, reward, dpo and ppo differ only in their `Task`: what model to build,
-what a micro-batch is, what the loss is, what evaluation means. The loop runs the
-same way under Ray Train (launch.py), torchrun, or one plain process (a GPU box
-without Ray can benchmark `train_step` directly).
+pretrain, sft, reward, dpo and ppo differ only in their `Task`: what models to build
+(one trained, any number frozen), what a micro-batch is, what the loss is, what
+evaluation means. The stage runner (train/runner.py) owns everything around the
+loop. The loop runs the same way under Ray Train (launch.py), torchrun, or one plain
+process (a GPU box without Ray can benchmark `train_step` directly).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from train import checkpoint
-from train.config import TrainConfig
-from train.distributed import WorkerContext, all_reduce_sum
+from train.config import StageConfig
+from train.distributed import WorkerContext, all_gather_object, all_reduce_sum
 from train.metrics import MetricsLogger, detect_peak_tflops
 from train.schedule import make_lambda, param_groups
 
 
 class Task(Protocol):
+    """What a stage gives the loop. A micro-batch is a dict holding, besides its
+    tensors, "count": the number of units its loss sums over (tokens that have a
+    target, or pairs), known before any forward pass, and "tokens": the real (non-
+    padding) tokens it feeds the model (throughput). `loss` returns the *summed* loss,
+    that count, and metrics whose values are floats or (sum, n) pairs; the loop
+    divides the loss by the count over all micro-batches and ranks of the step (a mean
+    of per-micro-batch means would weight a short answer's tokens more than a long
+    one's) and every metric by its own n."""
+
     name: str
 
-    def build_model(self) -> torch.nn.Module: ...
+    def build_model(self) -> torch.nn.Module: ...  # the trained model, on the device
+
+    def frozen_models(self) -> dict[str, torch.nn.Module]: ...  # reference, reward, ...: never trained
 
     def micro_batch(self, step: int, micro: int) -> dict: ...
 
-    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]: ...
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, float, dict]: ...
 
     def evaluate(self, engine) -> dict: ...
 
     def flops_per_token(self) -> float: ...
 
-    def tokens_per_micro_batch(self) -> int: ...
-
-    def export(self, state_dict: dict, out_dir) -> None: ...
+    def export(self, state_dict: dict, out_dir: Path) -> None: ...
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, use_gpu: bool) -> dict:
+def deepspeed_config(cfg: StageConfig, world_size: int, use_gpu: bool) -> dict:
     ds = cfg.deepspeed
     stage, precision = ds.resolved_zero_stage(world_size), ds.resolved_precision(use_gpu)
     zero: dict = {"stage": stage}
@@ -78,7 +89,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, ctx: WorkerContext, total_steps: int):
+def build_engine(cfg: StageConfig, model: torch.nn.Module, ctx: WorkerContext, total_steps: int):
     """DeepSpeed engine around `model` with AdamW (decay on >= 2-D params only) and
     the schedule as a LambdaLR stepped by DeepSpeed at each optimizer step."""
     import deepspeed
@@ -99,16 +110,67 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, ctx: WorkerContext, t
     return engine, optimizer, scheduler
 
 
-def train_step(engine, task: Task, step: int, grad_accum: int) -> float:
-    """One optimizer step (grad_accum micro-steps); returns this rank's mean loss."""
-    total = 0.0
-    for micro in range(grad_accum):
-        batch = task.micro_batch(step, micro)
-        loss, _ = task.loss(engine, batch)
-        engine.backward(loss)
+class StepStats:
+    """Sums over micro-batches (and, once reduced, ranks) of what `train_step` saw."""
+
+    def __init__(self):
+        self.loss = self.count = self.tokens = 0.0
+        self.metrics: dict[str, list[float]] = {}
+
+    def add(self, loss: float, count: float, tokens: float, metrics: dict) -> None:
+        self.loss, self.count, self.tokens = self.loss + loss, self.count + count, self.tokens + tokens
+        for key, value in metrics.items():
+            total, n = value if isinstance(value, tuple) else (value, 1.0)
+            acc = self.metrics.setdefault(key, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(n)
+
+    def merge(self, other: "StepStats") -> None:
+        self.add(other.loss, other.count, other.tokens, {k: tuple(v) for k, v in other.metrics.items()})
+
+    def reduced(self, device: torch.device) -> dict:
+        """Means over every rank: loss per counted unit, each metric per its own n."""
+        keys = sorted(set().union(*all_gather_object(sorted(self.metrics))))
+        flat = [self.loss, self.count, self.tokens] + [x for k in keys for x in self.metrics.get(k, [0.0, 0.0])]
+        flat = all_reduce_sum(flat, device)
+        out = {"loss": flat[0] / max(flat[1], 1.0), "count": flat[1], "tokens": flat[2]}
+        for i, key in enumerate(keys):
+            total, n = flat[3 + 2 * i], flat[4 + 2 * i]
+            out[key] = total / n if n else float("nan")
+        return out
+
+
+def train_step(engine, task: Task, step: int, grad_accum: int, ctx: WorkerContext) -> StepStats:
+    """One optimizer step of grad_accum micro-batches. The loss that goes backward is
+    summed_loss * world_size * grad_accum / global_count: DeepSpeed divides by
+    grad_accum and averages gradients over ranks, so the step's gradient is that of
+    (sum of every rank's summed losses) / (their total count)."""
+    batches = [task.micro_batch(step, micro) for micro in range(grad_accum)]
+    global_count, = all_reduce_sum([float(sum(b["count"] for b in batches))], ctx.device)
+    scale = ctx.world_size * grad_accum / max(global_count, 1.0)
+    stats = StepStats()
+    for batch in batches:
+        summed, count, metrics = task.loss(engine, batch)
+        if count != batch["count"]:
+            raise RuntimeError(f"task {task.name}: loss counted {count} units, its micro-batch announced "
+                               f"{batch['count']}")
+        engine.backward(summed * scale)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        total += loss.detach().float().item()
-    return total / grad_accum
+        stats.add(summed.detach().float().item(), count, batch.get("tokens", 0), metrics)
+    return stats
+
+
+def prepare_frozen(task: Task, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The task's frozen models, in eval mode and without gradients; none may share a
+    parameter with the trained model (it would then be trained, or checkpointed twice)."""
+    frozen = task.frozen_models() if hasattr(task, "frozen_models") else {}
+    trained = {id(p) for p in model.parameters()}
+    for name, module in frozen.items():
+        module.eval()
+        module.requires_grad_(False)
+        if any(id(p) in trained for p in module.parameters()):
+            raise RuntimeError(f"task {task.name}: frozen model {name!r} shares parameters with the trained model")
+    return frozen
 
 
 def _maybe_crash(step: int, ctx: WorkerContext) -> None:
@@ -119,58 +181,60 @@ def _maybe_crash(step: int, ctx: WorkerContext) -> None:
         os._exit(17)
 
 
-def run_training(cfg: TrainConfig, task: Task, ctx: WorkerContext, run_dir, *, echo=print) -> dict:
+def run_training(cfg: StageConfig, task: Task, ctx: WorkerContext, run_dir, total: int, *, echo=print) -> dict:
+    """Train `task` for `total` optimizer steps, resuming from RUN_DIR's last checkpoint."""
     torch.manual_seed(cfg.data.seed + ctx.rank)
-    total = cfg.total_steps(ctx.world_size)
     model = task.build_model()
+    prepare_frozen(task, model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing = True
     engine, _, scheduler = build_engine(cfg, model, ctx, total)
     logger = MetricsLogger(run_dir, enabled=ctx.is_main)
-    start = 0
+    start, tokens_seen = 0, 0.0
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is not None:
         meta = checkpoint.load(engine, latest[1], ctx)
-        start = meta["step"]
+        start, tokens_seen = meta["step"], float(meta["tokens_seen"])
         if ctx.is_main:
-            echo(f"resumed from {latest[1]} (step {start}, {meta['tokens_seen']} tokens seen)")
-    tokens_per_step = task.tokens_per_micro_batch() * cfg.data.grad_accum * ctx.world_size
+            echo(f"resumed from {latest[1]} (step {start}, {meta['tokens_seen']:,.0f} tokens seen)")
     peak = cfg.peak_tflops or detect_peak_tflops(ctx.device)
     flops_per_token = task.flops_per_token()
 
     def meta(step: int) -> dict:
         # The data position is the step: each rank's samples are a pure function of it.
         samples = step * cfg.data.micro_batch_size * cfg.data.grad_accum * ctx.world_size
-        return {"step": step, "tokens_seen": step * tokens_per_step, "samples_seen": samples,
+        unlogged, = all_reduce_sum([window.tokens], ctx.device)  # steps since the last log line
+        return {"step": step, "tokens_seen": tokens_seen + unlogged, "samples_seen": samples,
                 "world_size": ctx.world_size, "total_steps": total}
 
     last_eval = {}
-    window_start, window_steps, acc_loss = time.time(), 0, 0.0
+    window_start, window_steps, window = time.time(), 0, StepStats()
     for step in range(start, total):
-        acc_loss += train_step(engine, task, step, cfg.data.grad_accum)
+        window.merge(train_step(engine, task, step, cfg.data.grad_accum, ctx))
         window_steps += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
-            loss_sum, = all_reduce_sum([acc_loss], ctx.device)
+            row = window.reduced(ctx.device)
             elapsed = time.time() - window_start
-            tps = window_steps * tokens_per_step / max(elapsed, 1e-9)
+            tokens_seen += row["tokens"]
+            tps = row.pop("tokens") / max(elapsed, 1e-9)
             grad_norm = engine.get_global_grad_norm()
-            row = {"loss": loss_sum / (ctx.world_size * window_steps), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm) if grad_norm is not None else None, "tokens_per_s": tps,
-                   "tokens_seen": done * tokens_per_step,
-                   "mfu": tps * flops_per_token / (peak * 1e12 * ctx.world_size) if peak else None}
+            row.update({"lr": scheduler.get_last_lr()[0], "tokens_per_s": tps, "tokens_seen": tokens_seen,
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "mfu": tps * flops_per_token / (peak * 1e12 * ctx.world_size) if peak else None})
+            row["count"] /= window_steps  # units per optimizer step
             logger.log(done, row)
             if ctx.is_main:
                 echo(f"step {done}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                      f"tok/s {tps:,.0f}" + (f" mfu {row['mfu']:.1%}" if row["mfu"] else ""))
-            window_start, window_steps, acc_loss = time.time(), 0, 0.0
+            window_start, window_steps, window = time.time(), 0, StepStats()
         if (cfg.eval.every and done % cfg.eval.every == 0) or done == total:
             last_eval = task.evaluate(engine)
             logger.log(done, last_eval, kind="eval")
             if ctx.is_main and last_eval:
-                echo("eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k.endswith("bpb")))
+                echo("eval " + " ".join(f"{k} {v:.4f}" for k, v in last_eval.items() if k.count("/") <= 1))
         if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == total:
             checkpoint.save(engine, run_dir, done, meta(done), ctx, cfg.checkpoint.keep_last)
         _maybe_crash(done, ctx)
     logger.close()
-    return {"steps": total, "tokens_seen": total * tokens_per_step, "eval": last_eval, "engine": engine}
+    return {"steps": total, "tokens_seen": tokens_seen, "eval": last_eval, "engine": engine}

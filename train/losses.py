@@ -23,23 +23,27 @@ def _masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor | None) -> to
     return targets.reshape(-1)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 over kept positions. Sum / max(count, 1) rather
-    than a plain mean, so a batch with no kept token gives 0 (with a graph), not NaN.
-    logits (B, T, V), targets (B, T) already shifted; IGNORE_INDEX / mask 0 skipped."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, *,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32 over kept positions: their sum (reduction="sum", what
+    the training loop normalises by the global token count), or sum / max(count, 1)
+    rather than a plain mean, so a batch with no kept token gives 0 (with a graph), not
+    NaN. logits (B, T, V), targets (B, T) already shifted; IGNORE_INDEX / mask 0 skipped."""
     flat_targets = _masked_targets(targets, loss_mask)  # (B*T,)
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
                             ignore_index=IGNORE_INDEX, reduction="sum")
+    if reduction == "sum":
+        return total
     return total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, mean: bool):
         # hidden (N, C), weight (V, C), targets (N,)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX  # (N,)
-        count = valid.sum().clamp(min=1)
+        count = valid.sum().clamp(min=1) if mean else torch.ones((), dtype=torch.long, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -77,13 +81,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_out / count
         need_h, need_w = ctx.need
         return ((grad_h * scale.to(grad_h.dtype)) if need_h else None,
-                (grad_w * scale).to(ctx.weight_dtype) if need_w else None, None, None)
+                (grad_w * scale).to(ctx.weight_dtype) if need_w else None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         loss_mask: torch.Tensor | None = None, *, chunk: int = 1024) -> torch.Tensor:
+                         loss_mask: torch.Tensor | None = None, *, chunk: int = 1024,
+                         reduction: str = "mean") -> torch.Tensor:
     """cross_entropy(hidden @ weight.T, targets) without materialising all logits.
     hidden (B, T, C), weight (V, C), targets (B, T). Same value and gradients as
-    `cross_entropy` (up to float rounding)."""
+    `cross_entropy` with the same reduction (up to float rounding)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     flat = _masked_targets(targets, loss_mask)
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, chunk)
+    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, chunk, reduction == "mean")

@@ -48,7 +48,8 @@ def rope_cache(head_dim: int, seq_len: int, theta: float, device=None) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, h, T, D); cos/sin (T, D). Pairs element i with i + D/2 (HF rotate_half)."""
+    """x (B, h, T, D); cos/sin (T, D), or (B, 1, T, D) when every row has its own
+    positions. Pairs element i with i + D/2 (HF rotate_half)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
@@ -67,7 +68,10 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask None: causal. Else a bool (B, 1, T, T), True where query t may attend
+        key s (packed sequences: causal and inside the same document)."""
         B, T, C = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -84,7 +88,7 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
                 v = v.repeat_interleave(rep, dim=1)  # (B, H, T, D)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0, **gqa
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0, **gqa
         )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.wo(y))
@@ -112,8 +116,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
 
 
@@ -162,18 +167,30 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward_hidden(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T) -> final-norm hidden states (B, T, C) (reward/value heads)."""
+    def forward_hidden(self, input_ids: torch.Tensor, *, positions: torch.Tensor | None = None,
+                       doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final-norm hidden states (B, T, C) (reward/value heads).
+
+        Packed rows (several documents in one row) pass positions (B, T), each
+        document counting from 0, and doc_ids (B, T): a token attends only to earlier
+        tokens of its own document, so each document is computed exactly as if alone."""
         B, T = input_ids.shape
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
+        mask = None
+        if doc_ids is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         x = self.dropout(self.tok_embeddings(input_ids))  # (B, T, C)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
         return self.norm(x)  # (B, T, C)
 
     def forward(
@@ -182,18 +199,23 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         *,
         loss_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        reduction: str = "mean",
     ):
         """input_ids (B, T) -> logits (B, T, V), or (logits, loss) when targets (B, T) are
         given. targets are already shifted (targets[:, t] is the token after t);
-        IGNORE_INDEX (-100) and loss_mask == 0 positions do not count. With
-        `fused_loss` (training) the logits are never materialised: (None, loss)."""
-        h = self.forward_hidden(input_ids)  # (B, T, C)
+        IGNORE_INDEX (-100) and loss_mask == 0 positions do not count; reduction "sum"
+        gives the summed loss the training loop normalises itself. With `fused_loss`
+        (training) the logits are never materialised: (None, loss). positions/doc_ids:
+        packed rows (see forward_hidden)."""
+        h = self.forward_hidden(input_ids, positions=positions, doc_ids=doc_ids)  # (B, T, C)
         weight = self.output.weight
         if targets is not None and self.fused_loss and weight.numel() > 0:
             # ZeRO-3 partitions weights (numel 0 outside the module's own forward):
             # then the plain path below gathers it through self.output.
-            return None, linear_cross_entropy(h, weight, targets, loss_mask)
+            return None, linear_cross_entropy(h, weight, targets, loss_mask, reduction=reduction)
         logits = self.output(h)  # (B, T, V)
         if targets is None:
             return logits
-        return logits, cross_entropy(logits, targets, loss_mask)
+        return logits, cross_entropy(logits, targets, loss_mask, reduction=reduction)

@@ -1,16 +1,13 @@
 """`zerolm train pretrain`: next-token pretraining on packed tokens.
 
-`prepare` checks everything a user can get wrong before any worker starts (data,
-model, vocabulary, the run folder's history); `PretrainTask` is what the shared loop
-needs for pretraining; `worker` is the per-rank entry point Ray Train (or a plain
-process) runs.
+`PretrainStage.plan` checks everything a user can get wrong before any worker starts
+(data, model, vocabulary, mixture); `PretrainTask` is what the shared loop needs for
+pretraining. The lifecycle around them is the stage runner's (train/runner.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from dataproc.tokenizer import token_byte_lengths
-from train.config import TrainConfig
+from train.config import PretrainConfig
 from train.data import PackedSplit, WindowSampler, eval_windows, read_manifest, tokenizer_dir_of
 from train.distributed import WorkerContext, all_reduce_sum
+from train.export_hf import export_hf
 from train.model import Transformer
 from train.model_config import ModelConfig, from_preset
-from zerolm.config import config_hash
+from train.runner import Plan, Stage, absolute
 from zerolm.errors import UserError
-from zerolm.stage import OWNER, StageDir, write_json_atomic
-
-STAGE = "pretrain"
-# Keys that do not change what is trained: a run may resume with other values.
-NOT_HASHED = {"scaling": {"launcher", "address", "max_failures", "cpus_per_worker"},
-              "checkpoint": True, "log_every": True, "threads_per_worker": True, "eval": {"every"}}
 
 
-def model_config_for(cfg: TrainConfig, manifest: dict) -> ModelConfig:
+def model_config_for(cfg: PretrainConfig, manifest: dict) -> ModelConfig:
     overrides = dict(cfg.model.overrides)
     vocab = int(manifest["vocab_size"])
     if overrides.get("vocab_size", vocab) != vocab:
@@ -47,57 +39,52 @@ def model_config_for(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     return mcfg
 
 
-def run_hash(cfg: TrainConfig, manifest: dict) -> str:
-    data = cfg.model_dump(mode="json", exclude=NOT_HASHED)
-    data.pop("output", None)
-    return config_hash({"config": data, "tokenizer": manifest["tokenizer"]["sha256"],
-                        "tokens": manifest.get("clean", {}).get("config_hash")})
+class PretrainStage(Stage):
+    name = "pretrain"
+    help = "pretrain a model on packed tokens"
+    config = PretrainConfig
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--data", help="token folder (output of `zerolm pack`)")
+        parser.add_argument("--preset", help="model preset: tiny, 25m, 125m, 350m")
+
+    def cli_flags(self, args) -> dict:
+        return {"data": {"tokens": args.data} if args.data else None,
+                "model": {"preset": args.preset} if args.preset else None}
+
+    def absolute(self, cfg: PretrainConfig) -> PretrainConfig:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokens": absolute(cfg.data.tokens)})})
+
+    def plan(self, cfg: PretrainConfig, echo=print) -> Plan:
+        if not cfg.data.tokens:
+            raise UserError("no training data: give --data TOKENS_DIR")
+        manifest = read_manifest(cfg.data.tokens)
+        mcfg = model_config_for(cfg, manifest)
+        if not manifest["splits"]["train"]:
+            raise UserError(f"{cfg.data.tokens} has no training tokens")
+        workers = cfg.scaling.num_workers
+        total = cfg.total_steps(workers)
+        WindowSampler(PackedSplit(cfg.data.tokens, "train"), cfg.data.seq_len, mixture=cfg.data.mixture or None,
+                      total_samples=total * cfg.data.micro_batch_size * cfg.data.grad_accum * workers)  # mixture errors
+        tokenizer_dir_of(cfg.data.tokens, manifest)  # the tokenizer must still be there
+        lineage = {"tokens": {"path": cfg.data.tokens, "manifest_totals": manifest["totals"],
+                              "clean_config_hash": manifest.get("clean", {}).get("config_hash")},
+                   "tokenizer": manifest["tokenizer"]}
+        return Plan(model_config=mcfg, total_steps=total, lineage=lineage, info={"clean": manifest.get("clean")},
+                    describe=f"model: {cfg.model.preset} {mcfg.num_params() / 1e6:.2f}M params; "
+                             f"{total} steps of {cfg.tokens_per_step(workers)} tokens")
+
+    def task(self, cfg: PretrainConfig, run_dir: Path, ctx: WorkerContext) -> "PretrainTask":
+        return PretrainTask(cfg, ModelConfig.load(run_dir), read_manifest(cfg.data.tokens), ctx)
 
 
-def prepare(cfg: TrainConfig, *, overwrite: bool = False) -> tuple[ModelConfig, dict, StageDir, bool]:
-    """Validate; set up RUN_DIR. Returns (model config, manifest, stage, should_run)."""
-    if not cfg.output:
-        raise UserError("no run folder: give --output RUN_DIR")
-    if not cfg.data.tokens:
-        raise UserError("no training data: give --data TOKENS_DIR")
-    manifest = read_manifest(cfg.data.tokens)
-    mcfg = model_config_for(cfg, manifest)
-    if not manifest["splits"]["train"]:
-        raise UserError(f"{cfg.data.tokens} has no training tokens")
-    WindowSampler(PackedSplit(cfg.data.tokens, "train"), cfg.data.seq_len, mixture=cfg.data.mixture or None,
-                  total_samples=cfg.total_steps(cfg.scaling.num_workers) * cfg.data.micro_batch_size *
-                  cfg.data.grad_accum * cfg.scaling.num_workers)  # mixture errors surface here
-    tokenizer_dir_of(cfg.data.tokens, manifest)  # the tokenizer must still be there
-    run_dir = Path(cfg.output)
-    stage = StageDir(run_dir, STAGE, run_hash(cfg, manifest))
-    if stage.is_done() and not overwrite:
-        return mcfg, manifest, stage, False
-    started = _owner_hash(run_dir)
-    if started == stage.config_hash and not overwrite:
-        return mcfg, manifest, stage, True  # same run interrupted: resume from its checkpoints
-    if started is not None and not overwrite:
-        raise UserError(f"{run_dir} holds a run with another config; pass --overwrite or choose a new --output")
-    stage.begin(overwrite=True if started is not None else overwrite)
-    mcfg.save(run_dir)
-    write_json_atomic(run_dir / "run.json", {
-        "stage": STAGE, "config": cfg.model_dump(mode="json"), "config_hash": stage.config_hash,
-        "tokens": {"path": str(Path(cfg.data.tokens).resolve()), "manifest_totals": manifest["totals"]},
-        "tokenizer": manifest["tokenizer"], "clean": manifest.get("clean"), "model_params": mcfg.num_params(),
-        "started": time.time()})
-    return mcfg, manifest, stage, True
-
-
-def _owner_hash(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / OWNER).read_text(encoding="utf-8")).get("config_hash")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+STAGE = PretrainStage()
 
 
 class PretrainTask:
-    name = STAGE
+    name = "pretrain"
 
-    def __init__(self, cfg: TrainConfig, mcfg: ModelConfig, manifest: dict, ctx: WorkerContext):
+    def __init__(self, cfg: PretrainConfig, mcfg: ModelConfig, manifest: dict, ctx: WorkerContext):
         self.cfg, self.mcfg, self.ctx = cfg, mcfg, ctx
         d = cfg.data
         mixture = d.mixture if d.mixture is not None else manifest.get("mixture") or None
@@ -112,21 +99,25 @@ class PretrainTask:
     def build_model(self) -> torch.nn.Module:
         return Transformer(self.mcfg).to(self.ctx.device)
 
+    def frozen_models(self) -> dict:
+        return {}
+
     def micro_batch(self, step: int, micro: int) -> dict:
         d = self.cfg.data
         k0 = (step * d.grad_accum + micro) * d.micro_batch_size
         w = torch.from_numpy(self.sampler.batch(k0, d.micro_batch_size)).to(self.ctx.device)  # (B, T+1)
-        return {"x": w[:, :-1], "y": w[:, 1:]}
+        n = w.shape[0] * (w.shape[1] - 1)  # every position has a target
+        return {"x": w[:, :-1], "y": w[:, 1:], "count": n, "tokens": n}
 
     def loss(self, engine, batch: dict):
-        _, loss = engine(batch["x"], batch["y"])
-        return loss, {}
-
-    def tokens_per_micro_batch(self) -> int:
-        return self.cfg.data.micro_batch_size * self.cfg.data.seq_len
+        _, summed = engine(batch["x"], batch["y"], reduction="sum")
+        return summed, batch["count"], {}
 
     def flops_per_token(self) -> float:
         return self.mcfg.flops_per_token(self.cfg.data.seq_len)
+
+    def export(self, state_dict: dict, out_dir: Path) -> None:
+        export_hf(state_dict, self.mcfg, out_dir, tokenizer_dir=self.tokenizer_dir)
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict:

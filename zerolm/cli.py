@@ -139,23 +139,23 @@ def cmd_pack(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from train.config import TrainConfig
-    from train.pretrain_worker import run_pretrain
+    from train.runner import run_stage
+    from train.stages import get_stage
     from zerolm.config import build_config
 
-    flags = {"output": args.output, "data": {"tokens": args.data} if args.data else None,
-             "model": {"preset": args.preset} if args.preset else None,
-             "scaling": {"address": args.address} if args.address else None}
-    cfg = build_config(TrainConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    stage = get_stage(args.train_command)
+    flags = {"output": args.output, "scaling": {"address": args.address} if args.address else None,
+             **stage.cli_flags(args)}
+    cfg = build_config(stage.config, config_file=args.config, flags=flags, overrides=args.overrides)
     if args.resume:
         from train.checkpoint import latest_checkpoint
 
         if latest_checkpoint(cfg.output) is None:
             raise UserError(f"--resume: {cfg.output} has no checkpoint to resume from")
-    result = run_pretrain(cfg, overwrite=args.overwrite)
-    evals = {k: round(v, 4) for k, v in (result.get("eval") or {}).items() if k.endswith("bpb")}
+    result = run_stage(stage.name, cfg, overwrite=args.overwrite)
     print(f"\nrun: {cfg.output}  checkpoints: {cfg.output}/checkpoints  HF export: {cfg.output}/hf")
-    print(f"metrics: {cfg.output}/metrics.jsonl (TensorBoard: tensorboard --logdir {cfg.output}/tb)  {evals}")
+    print(f"metrics: {cfg.output}/metrics.jsonl (TensorBoard: tensorboard --logdir {cfg.output}/tb)")
+    print(stage.summary(cfg, result))
     return 0
 
 
@@ -196,7 +196,23 @@ def cmd_submit(args) -> int:
     return submit_job(args.address, args.command, working_dir=args.working_dir, wait=not args.no_wait)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_train_stages(train_sub) -> None:
+    """One subcommand per registered stage (train/stages.py); importing the stages
+    imports torch, so this runs only for `zerolm train ...`."""
+    from train.stages import STAGES, get_stage
+
+    for name in STAGES:
+        stage = get_stage(name)
+        p = train_sub.add_parser(name, help=stage.help)
+        stage.add_arguments(p)
+        p.add_argument("--output", help="run folder")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the last checkpoint (rerunning the same command does too)")
+        _add_common(p)
+        p.set_defaults(func=cmd_train)
+
+
+def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zerolm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -257,16 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(pack)
     pack.set_defaults(func=cmd_pack)
 
-    train = sub.add_parser("train", help="training jobs (Ray Train + DeepSpeed)")
+    train = sub.add_parser("train", help="training stages (Ray Train + DeepSpeed): pretrain, sft, ...")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="STAGE")
-    pre = train_sub.add_parser("pretrain", help="pretrain a model on packed tokens")
-    pre.add_argument("--data", help="token folder (output of `zerolm pack`)")
-    pre.add_argument("--output", help="run folder")
-    pre.add_argument("--preset", help="model preset: tiny, 25m, 125m, 350m")
-    pre.add_argument("--resume", action="store_true",
-                     help="continue from the last checkpoint (rerunning the same command does too)")
-    _add_common(pre)
-    pre.set_defaults(func=cmd_train)
+    if train_stages:
+        _add_train_stages(train_sub)
 
     srv = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
     srv.add_argument("--model", action="append", metavar="NAME=DIR",
@@ -322,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(train_stages=bool(argv) and argv[0] == "train")
     args = parser.parse_args(argv)
     if getattr(args, "input", None) and isinstance(args.input[0], list):
         args.input = [item for group in args.input for item in group]

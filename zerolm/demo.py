@@ -67,8 +67,8 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     from dataproc.pack import PackConfig, run_pack
     from dataproc.pipeline import run_data
     from dataproc.tokenizer import TokenizerConfig, train_tokenizer
-    from train.config import TrainConfig
-    from train.pretrain_worker import run_pretrain
+    from train.config import PretrainConfig
+    from train.runner import run_stage
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -109,7 +109,7 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     _banner("pretrain: zerolm train pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2, CPU)")
     train_cfg = demo_train_config(work / "tokens", work / "runs" / "pretrain", address)
     _write_config(work, "pretrain", train_cfg)
-    result = run_pretrain(TrainConfig.model_validate(train_cfg), overwrite=overwrite)
+    result = run_stage("pretrain", PretrainConfig.model_validate(train_cfg), overwrite=overwrite)
     bpb = {k.split("/")[1]: round(v, 3) for k, v in (result.get("eval") or {}).items() if k.count("/") == 2
            and k.endswith("bpb")}
     print(f"validation bits per byte by source: {bpb}")

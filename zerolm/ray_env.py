@@ -27,9 +27,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # left on this machine and then refuse num_cpus.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, **kwargs)
     else:
-        # The dashboard process also serves Ray's State API, which Ray Train's placement
-        # group cleaner polls; without it that actor logs a warning every few seconds.
-        ray.init(include_dashboard=True, **kwargs)
+        # A private local instance: a bare ray.init() would join whatever cluster `ray
+        # start` left on this machine (another user's, another job's). The dashboard
+        # process also serves Ray's State API, which Ray Train's placement group
+        # cleaner polls; without it that actor logs a warning every few seconds.
+        ray.init(address="local", include_dashboard=True, **kwargs)
 
 
 def cluster_cpus() -> int:

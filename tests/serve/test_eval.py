@@ -266,7 +266,7 @@ def test_zerolm_eval_cli(tiny_model_dir, shared_data, tmp_path, capsys):
     assert "| mine | 2 |" in capsys.readouterr().out
     arc_file = str(shared_data / "eval" / "arc_easy" / "validation.jsonl")
     cmmlu_dir = str(shared_data / "eval" / "cmmlu" / "data")
-    for argv, message in [(["--model", str(tmp_path), "--task", "arc", "--data", arc_file], "not a zerolm model"),
+    for argv, message in [(["--model", str(tmp_path), "--task", "arc", "--data", arc_file], "not a model folder"),
                           (["--task", "arc", "--data", str(tmp_path / "nope.jsonl")], "no such file"),
                           (["--task", "cmmlu"], "needs --data"),
                           (["--task", "cmmlu", "--data", cmmlu_dir, "--subjects", "astrology"], "unknown subject")]:

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from train.checkpoint import TMP_PREFIX, checkpoint_root, list_checkpoints
-from train.config import TrainConfig
+from train.config import PretrainConfig
 from train.data import PackedSplit
 from train.metrics import read_metrics
-from train.pretrain_worker import run_pretrain
+from train.runner import run_stage
 from zerolm.errors import UserError
 
 SMALL = {"preset": "tiny", "overrides": {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64}}
 
 
-def config(tokens_dir, out, **kw) -> TrainConfig:
+def config(tokens_dir, out, **kw) -> PretrainConfig:
     base = {
         "output": str(out), "model": SMALL,
         "data": {"tokens": str(tokens_dir), "seq_len": 64, "micro_batch_size": 4, "grad_accum": 2},
@@ -34,7 +34,7 @@ def config(tokens_dir, out, **kw) -> TrainConfig:
             base[key] = {**base.get(key, {}), **value}
         else:
             base[key] = value
-    return TrainConfig.model_validate(base)
+    return PretrainConfig.model_validate(base)
 
 
 def losses(run_dir) -> list[float]:
@@ -45,7 +45,7 @@ def losses(run_dir) -> list[float]:
 def uninterrupted(ray_session, tokens_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain") / "run"
     handler = signal.getsignal(signal.SIGINT)
-    result = run_pretrain(config(tokens_dir, out), echo=lambda *_: None)
+    result = run_stage("pretrain", config(tokens_dir, out), echo=lambda *_: None)
     # Ray Train's fit() leaves its own Ctrl-C handler behind; the launcher restores ours
     # (the demo serves in the same process after training, and Ctrl-C must stop it)
     assert signal.getsignal(signal.SIGINT) is handler
@@ -59,10 +59,10 @@ def test_killed_worker_resumes_to_the_same_losses(uninterrupted, tokens_dir, tmp
     monkeypatch.setenv("ZEROLM_CRASH_AT_STEP", "5")  # after step 5; last checkpoint is step 3
     monkeypatch.setenv("ZEROLM_CRASH_MARKER", str(tmp_path / "crashed"))
     with pytest.raises(Exception):
-        run_pretrain(config(tokens_dir, out), echo=lambda *_: None)
+        run_stage("pretrain", config(tokens_dir, out), echo=lambda *_: None)
     assert (tmp_path / "crashed").exists() and [s for s, _ in list_checkpoints(out)] == [3]
     assert len(losses(out)) == 5
-    run_pretrain(config(tokens_dir, out), echo=lambda *_: None)  # the same command again
+    run_stage("pretrain", config(tokens_dir, out), echo=lambda *_: None)  # the same command again
     ref = losses(ref_dir)
     assert len(ref) == 8 and losses(out) == ref  # bit-identical loss sequence
     assert [s for s, _ in list_checkpoints(out)] == [6, 8]  # keep_last=2
@@ -71,9 +71,9 @@ def test_killed_worker_resumes_to_the_same_losses(uninterrupted, tokens_dir, tmp
 
 def test_rerun_of_finished_run_is_noop(uninterrupted, tokens_dir):
     out, result = uninterrupted
-    assert run_pretrain(config(tokens_dir, out), echo=lambda *_: None) == result
+    assert run_stage("pretrain", config(tokens_dir, out), echo=lambda *_: None) == result
     with pytest.raises(UserError, match="another config"):
-        run_pretrain(config(tokens_dir, out, max_steps=9), echo=lambda *_: None)
+        run_stage("pretrain", config(tokens_dir, out, max_steps=9), echo=lambda *_: None)
 
 
 def test_hf_export_matches_our_model(uninterrupted):
@@ -108,8 +108,9 @@ def test_metrics_and_lineage(uninterrupted, tokens_dir):
     assert evals and all(k in evals[-1] for k in ("val/bpb", "val/peoples_daily/bpb", "val/wiki/bpb"))
     run = json.loads((out / "run.json").read_text())
     manifest = json.loads((tokens_dir / "manifest.json").read_text())
-    assert run["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
-    assert run["tokens"]["path"] == str(tokens_dir.resolve())
+    assert run["stage"] == "pretrain" and run["total_steps"] == 8
+    assert run["inputs"]["tokenizer"]["sha256"] == manifest["tokenizer"]["sha256"]
+    assert run["inputs"]["tokens"]["path"] == str(tokens_dir.resolve())
     assert list((out / "tb").glob("events.out.tfevents.*"))
 
 
@@ -123,7 +124,7 @@ def test_bad_input_fails_before_any_worker(tokens_dir, tmp_path, change, message
     if change.get("data", {}).get("tokens") == "MISSING":
         change = {"data": {"tokens": str(tmp_path / "no_tokens")}}
     with pytest.raises(UserError, match=message):
-        run_pretrain(config(tokens_dir, tmp_path / "run", **change), echo=lambda *_: None)
+        run_stage("pretrain", config(tokens_dir, tmp_path / "run", **change), echo=lambda *_: None)
     assert not (tmp_path / "run").exists()
 
 
@@ -159,6 +160,6 @@ def test_tiny_model_learns_below_unigram_entropy(tokens_dir, tmp_path):
                  data={"seq_len": 128, "micro_batch_size": 8, "grad_accum": 1},
                  scaling={"launcher": "local", "num_workers": 1}, max_steps=300, log_every=50,
                  optim={"lr": 3e-3}, eval={"every": 0, "max_windows": 16}, checkpoint={"every": 0})
-    result = run_pretrain(cfg, echo=lambda *_: None)
+    result = run_stage("pretrain", cfg, echo=lambda *_: None)
     bpb = result["eval"]["val/bpb"]
     assert bpb < ref, (bpb, ref)

@@ -1,0 +1,59 @@
+"""Near-duplicate groups of a list of texts held in one process: the same shingles,
+MinHash signatures, LSH bands and exact-Jaccard verification as the distributed job
+(dataproc/near_dedup/job.py), without Ray. For inputs that fit in memory and are
+used where they are read: SFT prompts, preference prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dataproc.near_dedup.config import MinHashConfig, ShingleConfig
+from dataproc.near_dedup.graph import components
+from dataproc.near_dedup.minhash import EMPTY, MinHasher, band_keys, optimal_bands
+from dataproc.near_dedup.shingles import detect_kinds, shingle_batch
+from dataproc.near_dedup.verify import exact_jaccard
+
+SEED = 1
+
+
+def near_duplicate_of(texts: list[str], threshold: float, *, num_perm: int = 128,
+                      shingles: ShingleConfig | None = None) -> np.ndarray:
+    """For each text, the index of the text it duplicates (the first of its group,
+    in input order), or -1 for texts that are kept. Two texts are near-duplicates when
+    the exact Jaccard of their shingle sets is >= threshold; groups are the connected
+    components of such pairs among LSH candidates (datasketch's layout rule, centred
+    0.1 below the threshold so that verification, not banding, decides)."""
+    n = len(texts)
+    out = np.full(n, -1, dtype=np.int64)
+    if n < 2:
+        return out
+    shingles = shingles or ShingleConfig()
+    kinds = detect_kinds(texts, None, shingles)
+    hashes, counts = shingle_batch(texts, kinds, shingles, SEED)
+    sig = MinHasher(num_perm, SEED).signatures(hashes, counts)
+    mh = MinHashConfig(num_perm=num_perm, threshold=threshold)
+    bands, rows = optimal_bands(mh.lsh_threshold(), num_perm)
+    keys = band_keys(sig, bands, rows, SEED)  # (n, bands)
+    has = ~(sig == EMPTY).all(axis=1)  # texts without any shingle are never duplicates
+    docs = np.repeat(np.arange(n), bands)[np.repeat(has, bands)]
+    flat = keys[has].reshape(-1)
+    order = np.lexsort((docs, flat))
+    flat, docs = flat[order], docs[order]
+    same = flat[1:] == flat[:-1]
+    # star edges: every member of a bucket to the bucket's first (smallest) text
+    first = np.maximum.accumulate(np.where(np.concatenate([[True], ~same]), np.arange(len(flat)), 0))
+    a, b = docs[first][1:][same], docs[1:][same]
+    pairs = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1), axis=0) if len(a) else np.zeros((0, 2), int)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if len(pairs):
+        lo, hi = pairs[:, 0], pairs[:, 1]
+        jac = exact_jaccard([texts[i] for i in lo], kinds[lo], [texts[i] for i in hi], kinds[hi], shingles, SEED)
+        keep = jac >= threshold
+        lo, hi = lo[keep], hi[keep]
+    else:
+        lo = hi = np.zeros(0, dtype=np.int64)
+    label = components(lo, hi, n)  # smallest index of each component
+    dup = label != np.arange(n)
+    out[dup] = label[dup]
+    return out

@@ -1,0 +1,49 @@
+"""Generating with the weights being trained, through the serving engine.
+
+Evaluation during training (SFT's end rate; preference pairs and rollouts later)
+samples with the same engine `zerolm serve` runs (batched, KV-cached, seeded). The
+engine prepares its model for serving in place, so it gets its own copy of the
+current weights: the trained model is never touched, and each call sees the
+weights of that moment. Under ZeRO-3 every rank holds a shard, so the full weights
+are gathered first (a collective: every rank must call `current_weights`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from train.model import Transformer
+from train.model_config import ModelConfig
+
+
+def current_weights(engine) -> dict[str, torch.Tensor]:
+    """Full state dict of a DeepSpeed engine's module (or a plain module), on its device."""
+    module = getattr(engine, "module", engine)
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if params:  # ZeRO-3 partitioned parameters
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def engine_for(state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device: torch.device,
+               *, max_batch: int = 64):
+    """A serving Engine over a copy of `state`, in the serving dtype of the device."""
+    from serve.engine import Engine
+    from serve.loading import LoadedModel, tokenizer_meta
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = Transformer(mcfg)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    loaded = LoadedModel(name="training", path=tokenizer_dir, config=mcfg, model=model, tokenizer=tok,
+                         meta=tokenizer_meta(tokenizer_dir, tok), device=device, dtype=dtype)
+    return Engine(loaded, max_batch=max_batch, cuda_graphs=False)
