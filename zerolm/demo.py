@@ -54,6 +54,17 @@ def demo_train_config(tokens: Path, output: Path, address: str | None) -> dict:
     }
 
 
+def demo_sft_config(init: Path, data: list[str], output: Path, address: str | None) -> dict:
+    """SFT of the pretrained demo model on the demo's instruction set (zerolm/demo_sft.py)."""
+    return {
+        "output": str(output), "init_from": str(init),
+        "data": {"paths": data, "seq_len": 256, "micro_batch_size": 8, "grad_accum": 1, "val_max": 64},
+        "optim": {"lr": 1e-3}, "epochs": 3, "log_every": 20,
+        "eval": {"every": 0, "generate": 64, "max_new_tokens": 64}, "checkpoint": {"every": 0},
+        "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
+    }
+
+
 def _write_config(work: Path, name: str, data: dict) -> Path:
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
@@ -69,6 +80,8 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     from dataproc.tokenizer import TokenizerConfig, train_tokenizer
     from train.config import PretrainConfig
     from train.runner import run_stage
+    from train.sft import SFTConfig
+    from zerolm.demo_sft import write_demo_sft
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -124,32 +137,46 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     print(to_markdown(report))
     outputs["eval"] = write_report(report, work / "eval" / "bpb.json")
 
+    _banner("sft: zerolm train sft (chat template, answers only, packed; Ray Train, 2 workers, ZeRO-2)")
+    sft_data = write_demo_sft(work / "sft_data")
+    sft_cfg = demo_sft_config(outputs["run"], sft_data, work / "runs" / "chat", address)
+    _write_config(work, "sft", sft_cfg)
+    result = run_stage("sft", SFTConfig.model_validate(sft_cfg), overwrite=overwrite)
+    ev = result.get("eval") or {}
+    print(f"held-out conversations: loss {ev.get('val/loss', float('nan')):.3f}, answers ending their turn "
+          f"(val/end_rate) {ev.get('val/end_rate', float('nan')):.2f}")
+    outputs["sft data"] = work / "sft_data"
+    outputs["chat run"] = work / "runs" / "chat"
+
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
     print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
     print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
     if serve_port:
-        _serve(outputs["run"], serve_port)
+        _serve(outputs["run"], outputs["chat run"], serve_port)
     return outputs
 
 
-def _serve(run_dir: Path, port: int) -> None:
-    """Serve the demo model until Ctrl-C, with a request to paste into another shell."""
+def _serve(run_dir: Path, chat_dir: Path, port: int) -> None:
+    """Serve the pretrained model (`demo`) and its SFT (`chat`) until Ctrl-C, with
+    requests to paste into another shell."""
     import ray
 
     from serve.server import serve
 
     if ray.is_initialized():
         ray.shutdown()  # the data and training jobs are done: give their cores back
-    _banner(f"serve: zerolm serve --model demo={run_dir} --port {port}")
+    _banner(f"serve: zerolm serve --model demo={run_dir} --model chat={chat_dir} --port {port}")
     print("try, from another shell:")
     print(f"""  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "demo", "prompt": "人民日报", "max_tokens": 32, "temperature": 0}}'""")
     print(f"""  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model": "demo", "messages": [{{"role": "user", "content": "What is a list in Python?"}}]}}'""")
+    -d '{{"model": "chat", "messages": [{{"role": "user", "content": "判断这条评论的情感是正面还是负面：\\n质量很好，物流也快，非常满意"}}], "temperature": 0}}'""")
+    print(f"""  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "chat", "messages": [{{"role": "user", "content": "What is the Python module json for?"}}], "temperature": 0}}'""")
     print("(Ctrl-C stops the server; `zerolm demo --no-serve` skips this step)", flush=True)
     try:
-        serve([f"demo={run_dir}"], port=port)
+        serve([f"demo={run_dir}", f"chat={chat_dir}"], port=port)
     except KeyboardInterrupt:
         pass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from dataproc.near_dedup.config import MinHashConfig, ShingleConfig
-from dataproc.near_dedup.graph import components
 from dataproc.near_dedup.minhash import EMPTY, MinHasher, band_keys, optimal_bands
 from dataproc.near_dedup.shingles import detect_kinds, shingle_batch
 from dataproc.near_dedup.verify import exact_jaccard
@@ -19,11 +18,13 @@ SEED = 1
 
 def near_duplicate_of(texts: list[str], threshold: float, *, num_perm: int = 128,
                       shingles: ShingleConfig | None = None) -> np.ndarray:
-    """For each text, the index of the text it duplicates (the first of its group,
-    in input order), or -1 for texts that are kept. Two texts are near-duplicates when
-    the exact Jaccard of their shingle sets is >= threshold; groups are the connected
-    components of such pairs among LSH candidates (datasketch's layout rule, centred
-    0.1 below the threshold so that verification, not banding, decides)."""
+    """For each text, the index of the kept text it near-duplicates, or -1 for texts
+    that are kept. Two texts are near-duplicates when the exact Jaccard of their
+    shingle sets is >= threshold (candidates from LSH, datasketch's layout rule centred
+    0.1 below the threshold so that verification, not banding, decides). Texts are
+    taken in input order and one is dropped only for a near-copy that is kept: at low
+    thresholds (0.4 for prompts) connected components would chain A ~ B ~ C and drop C
+    for a text it does not resemble."""
     n = len(texts)
     out = np.full(n, -1, dtype=np.int64)
     if n < 2:
@@ -53,7 +54,7 @@ def near_duplicate_of(texts: list[str], threshold: float, *, num_perm: int = 128
         lo, hi = lo[keep], hi[keep]
     else:
         lo = hi = np.zeros(0, dtype=np.int64)
-    label = components(lo, hi, n)  # smallest index of each component
-    dup = label != np.arange(n)
-    out[dup] = label[dup]
+    for a, b in sorted(zip(lo.tolist(), hi.tolist())):  # every pair (x, a) with x < a comes first
+        if out[a] < 0 and out[b] < 0:
+            out[b] = a
     return out
