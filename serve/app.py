@@ -17,7 +17,7 @@ from serve import openai_api as oa
 from serve.engine_process import EngineDied
 from serve.registry import Registry, ServedModel
 from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, EvaluationRequest,
-                           TokenizeRequest)
+                           RewardRequest, TokenizeRequest)
 
 OPEN_ROUTES = {"/health", "/metrics"}  # reachable without the API key (probes, scrapers)
 
@@ -86,6 +86,9 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         registry.close()  # stop engine processes with the server (also under TestClient)
 
     app = FastAPI(title="zerolm", version="0.1.0", lifespan=lifespan)
+    import asyncio
+
+    reward_lock = asyncio.Lock()
     m = metrics or Metrics()
     app.state.metrics, app.state.registry = m, registry
 
@@ -140,6 +143,13 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
                               param="model", code="model_not_found")
         return served
 
+    def generator_or_400(name: str | None) -> ServedModel:
+        served = model_or_404(name)
+        if served.scorer is not None:
+            raise oa.APIError(400, f"'{served.name}' is a reward model: it scores conversations on /v1/rewards and "
+                                   "generates nothing", param="model", code="reward_model")
+        return served
+
     def count(served: ServedModel, prompt: int, generated: int) -> None:
         m.prompt_tokens.labels(served.name).inc(prompt)
         m.generated.labels(served.name).inc(generated)
@@ -164,7 +174,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        served = model_or_404(req.model)
+        served = generator_or_400(req.model)
         prompts, engine_reqs = oa.completion_requests(req, served)
         if req.stream:
             cid = f"cmpl-{uuid.uuid4().hex[:24]}"
@@ -185,7 +195,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest):
-        served = model_or_404(req.model)
+        served = generator_or_400(req.model)
         prompt_ids, engine_reqs = oa.chat_requests(req, served)
         if req.stream:
             cid, started = f"chatcmpl-{uuid.uuid4().hex[:24]}", set()
@@ -206,6 +216,29 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         body = oa.chat_response(req, served, prompt_ids, results)
         count(served, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return body
+
+    @app.post("/v1/rewards")
+    async def rewards(req: RewardRequest):
+        served = model_or_404(req.model)
+        if served.scorer is None:
+            raise oa.APIError(400, f"'{served.name}' is not a reward model", param="model", code="not_a_reward_model")
+        if (req.messages is None) == (req.conversations is None):
+            raise oa.APIError(400, "give one conversation as 'messages' or several as 'conversations'",
+                              param="messages")
+        convs = [req.messages] if req.messages is not None else req.conversations
+        scored = [oa.reward_conversation(c, i) for i, c in enumerate(convs)]
+        ids = [served.scorer.ids(c) for c in scored]
+        for i, seq in enumerate(ids):
+            if len(seq) > served.scorer.context:
+                raise oa.APIError(400, f"conversation {i} has {len(seq)} tokens, over the model's context of "
+                                       f"{served.scorer.context}", param="messages", code="context_length_exceeded")
+        import asyncio
+
+        async with reward_lock:  # one forward at a time: the scorer's model is not re-entrant on a GPU stream
+            scores = await asyncio.to_thread(served.scorer.score_ids, ids)
+        m.prompt_tokens.labels(served.name).inc(sum(map(len, ids)))
+        return {"object": "list", "model": served.name,
+                "data": [{"object": "reward", "index": i, "score": s} for i, s in enumerate(scores)]}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
@@ -236,7 +269,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
 
     @app.post("/v1/evaluations")
     async def evaluations(req: EvaluationRequest):
-        served = model_or_404(req.model)
+        served = generator_or_400(req.model)
         from serve.eval.api import run_evaluation  # evaluation code loads only when used
 
         import asyncio

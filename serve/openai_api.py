@@ -220,3 +220,16 @@ async def stream_events(served: ServedModel, requests: list[Request], chunk_of) 
     for i, res in enumerate(results):
         yield "data: " + json.dumps(chunk_of(i, None, res), ensure_ascii=False) + "\n\n"
     yield "data: [DONE]\n\n"
+
+
+def reward_conversation(messages, index: int) -> list[dict]:
+    """A conversation to score: [system?] user, assistant, ... ending with the answer."""
+    from train.conversations import BadRecord, check_conversation
+
+    msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        check_conversation(msgs)
+    except BadRecord as exc:
+        raise APIError(400, f"conversation {index}: {exc.args[0].replace('_', ' ')} (give [system,] user, assistant, "
+                            "... ending with the assistant answer to score)", param="messages") from None
+    return msgs

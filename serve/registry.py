@@ -11,18 +11,22 @@ import torch
 
 from serve.engine import Batcher, Engine, TextCodec
 from serve.loading import LoadedModel, load_model
+from train.reward_model import is_reward_model
+from train.weights import find_model_dir
 from zerolm.errors import UserError
 
 if TYPE_CHECKING:
     from serve.engine_process import EngineClient
+    from train.reward_model import RewardScorer
 
 
 @dataclass
 class ServedModel:
     name: str
     codec: TextCodec  # tokenizer, chat metadata, context window
-    batcher: "Batcher | EngineClient"  # submit(Request) -> Future
+    batcher: "Batcher | EngineClient | None"  # submit(Request) -> Future; None for a reward model
     created: int
+    scorer: "RewardScorer | None" = None  # a reward model: scores conversations, generates nothing
 
     @property
     def loaded(self) -> LoadedModel:
@@ -45,6 +49,8 @@ class Registry:
         None = on when the model is on a GPU (serve/decoder.py)."""
         if name in self.models:
             raise UserError(f"model name {name!r} given twice")
+        if is_reward_model(find_model_dir(path)):
+            return self._add_reward_model(name, path, device=device)
         if engine_process:
             from serve.engine_process import EngineClient
 
@@ -61,9 +67,21 @@ class Registry:
         self.models[name] = served
         return served
 
+    def _add_reward_model(self, name: str, path: str, *, device: str) -> ServedModel:
+        """Scored in the HTTP process (one forward per request, no decode loop to keep
+        busy), by the same scorer that filters preference pairs."""
+        from train.reward_model import RewardScorer
+
+        loaded = load_model(name, path, weights=False)
+        dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        served = ServedModel(name, TextCodec(loaded), None, int(time.time()),
+                             scorer=RewardScorer(loaded.path, device=dev))
+        self.models[name] = served
+        return served
+
     def close(self) -> None:
         for served in self.models.values():
-            close = getattr(served.batcher, "close", None)
+            close = getattr(served.batcher, "close", None) if served.batcher is not None else None
             if close:
                 close()
 

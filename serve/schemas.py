@@ -85,3 +85,12 @@ class EvaluationRequest(_Lenient):
     items: Optional[list[dict]] = None
     shots: int = Field(default=0, ge=0, le=10)
     limit: Optional[int] = Field(default=None, ge=1)
+
+
+class RewardRequest(_Lenient):
+    """POST /v1/rewards: one conversation (`messages`) or several (`conversations`),
+    each ending with the assistant answer to score."""
+
+    model: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    conversations: Optional[list[list[ChatMessage]]] = Field(default=None, max_length=256)

@@ -79,6 +79,7 @@ class DeepSpeedSection(StrictModel):
 
 class EvalSection(StrictModel):
     every: int = Field(default=100, ge=0)  # steps; 0 = only at the end
+    at_start: bool = False  # also evaluate the initial weights (logged as step 0): a "before" figure
 
 
 class PretrainEvalSection(EvalSection):

@@ -208,6 +208,11 @@ def run_training(cfg: StageConfig, task: Task, ctx: WorkerContext, run_dir, tota
                 "world_size": ctx.world_size, "total_steps": total}
 
     last_eval = {}
+    if cfg.eval.at_start and start == 0:
+        first = task.evaluate(engine)
+        logger.log(0, first, kind="eval")
+        if ctx.is_main and first:
+            echo("eval (initial weights) " + " ".join(f"{k} {v:.4f}" for k, v in first.items() if k.count("/") <= 1))
     window_start, window_steps, window = time.time(), 0, StepStats()
     for step in range(start, total):
         window.merge(train_step(engine, task, step, cfg.data.grad_accum, ctx))

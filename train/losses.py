@@ -34,6 +34,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.
                             ignore_index=IGNORE_INDEX, reduction="sum")
     if reduction == "sum":
         return total
+    if reduction == "none":
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets, ignore_index=IGNORE_INDEX,
+                               reduction="none").view(targets.shape)
     return total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
@@ -90,7 +93,90 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """cross_entropy(hidden @ weight.T, targets) without materialising all logits.
     hidden (B, T, C), weight (V, C), targets (B, T). Same value and gradients as
     `cross_entropy` with the same reduction (up to float rounding)."""
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     flat = _masked_targets(targets, loss_mask)
+    if reduction == "none":  # per-token losses (B, T), 0 where ignored
+        return -token_logprobs(hidden.reshape(-1, hidden.shape[-1]), weight, flat).view(targets.shape)
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat, chunk, reduction == "mean")
+
+
+# ----------------------------------------------------------------- per token, per sequence
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    logits = (h @ weight.t()).float()  # (n, V)
+    return logits.gather(1, t.clamp(min=0)[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                   chunk: int = 1024) -> torch.Tensor:
+    """log p(target) of every position in fp32, 0 where the target is IGNORE_INDEX.
+    hidden (N, C), weight (V, C), targets (N,) -> (N,). Chunks are recomputed in the
+    backward pass (activation checkpointing), so the (N, V) logits never exist at once."""
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s:s + chunk], targets[s:s + chunk]
+        lp = checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False) if torch.is_grad_enabled() \
+            else _chunk_logprobs(h, weight, t)
+        out.append(torch.where(t != IGNORE_INDEX, lp, 0.0))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Sum of values (B, T) per sequence id (B, T) in [0, n) (-1: none) -> (n,)."""
+    keep = seq_ids >= 0
+    return torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, seq_ids[keep], values[keep])
+
+
+# ----------------------------------------------------------------- preference losses
+
+def reward_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None, *,
+                     center: float = 0.0) -> torch.Tensor:
+    """Pairwise (Bradley-Terry) reward-model loss per pair: -log sigmoid(r_c - r_r - margin),
+    plus center * (r_c + r_r)^2, which keeps scores near 0 (trl's center_rewards_coefficient
+    term; its mean over pairs is trl's). chosen, rejected, margin (P,) -> (P,)."""
+    diff = chosen - rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(diff)
+    return loss + center * (chosen + rejected) ** 2 if center else loss
+
+
+DPO_LOSSES = ("sigmoid", "cdpo", "robust", "ipo", "simpo")
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+             ref_rejected: torch.Tensor | None, *, beta: float, kind: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+             simpo_gamma: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards (chosen, rejected), all (P,). Inputs are
+    sequence log-probabilities summed over the response tokens.
+
+      sigmoid  DPO: -log sigmoid(beta * ((pc - rc) - (pr - rr)))
+      cdpo     conservative DPO, labels flipped with probability eps (label_smoothing):
+               -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)
+      robust   rDPO: the cdpo terms, unbiased: ((1 - eps) l(d) - eps l(-d)) / (1 - 2 eps)
+      ipo      IPO on per-token log ratios (sums / response tokens): (d_avg - 1 / (2 beta))^2
+      simpo    SimPO, no reference: mean log-probs (sums / tokens), margin gamma:
+               -(1 - eps) log sigmoid(beta (avg_c - avg_r) - gamma) - eps log sigmoid(-(...))
+    """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {kind!r}; one of {', '.join(DPO_LOSSES)}")
+    if kind == "simpo":
+        avg_c, avg_r = policy_chosen / chosen_tokens.clamp(min=1), policy_rejected / rejected_tokens.clamp(min=1)
+        z = beta * (avg_c - avg_r) - simpo_gamma
+        loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+        return loss, beta * avg_c.detach(), beta * avg_r.detach()
+    chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
+    d = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * d)
+    elif kind == "cdpo":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+    elif kind == "robust":
+        loss = (-(1 - label_smoothing) * F.logsigmoid(beta * d) + label_smoothing * F.logsigmoid(-beta * d)) \
+            / (1 - 2 * label_smoothing)
+    else:  # ipo
+        d_avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        loss = (d_avg - 1 / (2 * beta)) ** 2
+    return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

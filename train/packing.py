@@ -103,29 +103,39 @@ def pack_rows(positions: np.ndarray, seq_len: int, *, seed: int, packing: bool =
 
 
 def row_batch(examples: Examples, rows: list[list[int]], seq_len: int, pad_id: int,
-              device: torch.device | str = "cpu") -> dict:
+              device: torch.device | str = "cpu", *, shift: bool = True) -> dict:
     """A micro-batch of len(rows) rows of seq_len positions: x, y (B, T), positions and
     doc_ids (B, T); padding has doc id -1 and no target. "count" = targets trained on,
-    "tokens" = real (non-padding) positions, "padding" = the rest."""
-    B = len(rows)
+    "tokens" = real (non-padding) positions, "padding" = the rest. "example_ids" (B, T)
+    gives each position's example as an index into the batch's examples (row by row,
+    in order; -1 on padding) and "last" (n,) the flat position of each example's last
+    input token. shift=False feeds every token of an example as input (n positions,
+    no targets): what a scorer reads at the last token."""
+    B, cut = len(rows), 1 if shift else 0
     x = np.full((B, seq_len), pad_id, dtype=np.int64)
     y = np.full((B, seq_len), IGNORE_INDEX, dtype=np.int64)
     pos = np.zeros((B, seq_len), dtype=np.int64)
     doc = np.full((B, seq_len), -1, dtype=np.int64)
+    ex = np.full((B, seq_len), -1, dtype=np.int64)
+    last, k = [], 0
     for r, members in enumerate(rows):
         at = 0
         for j, i in enumerate(members):
             ids, mask = examples.example(i)
-            n = len(ids) - 1
-            x[r, at:at + n] = ids[:-1]
-            y[r, at:at + n] = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
+            n = len(ids) - cut
+            if at + n > seq_len:
+                raise ValueError(f"row {r} needs more than seq_len={seq_len} positions")
+            x[r, at:at + n] = ids[:n]
+            if shift:
+                y[r, at:at + n] = np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX)
             pos[r, at:at + n] = np.arange(n)
             doc[r, at:at + n] = j
-            at += n
-        if at > seq_len:
-            raise ValueError(f"row {r} holds {at} positions, more than seq_len={seq_len}")
+            ex[r, at:at + n] = k
+            last.append(r * seq_len + at + n - 1)
+            at, k = at + n, k + 1
     tokens = int((doc >= 0).sum())
-    t = {k: torch.from_numpy(v).to(device) for k, v in (("x", x), ("y", y), ("positions", pos), ("doc_ids", doc))}
+    t = {key: torch.from_numpy(v).to(device) for key, v in (("x", x), ("y", y), ("positions", pos), ("doc_ids", doc),
+                                                            ("example_ids", ex), ("last", np.array(last, np.int64)))}
     return {**t, "count": int((y != IGNORE_INDEX).sum()), "tokens": tokens, "padding": B * seq_len - tokens}
 
 

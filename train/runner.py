@@ -29,7 +29,7 @@ from zerolm.stage import OWNER, StageDir, write_json_atomic
 
 # Keys that do not change what is trained: a run may resume with other values.
 NOT_HASHED = {"output": True, "scaling": {"launcher", "address", "max_failures", "cpus_per_worker"},
-              "checkpoint": True, "log_every": True, "threads_per_worker": True, "eval": {"every"}}
+              "checkpoint": True, "log_every": True, "threads_per_worker": True, "eval": {"every", "at_start"}}
 
 
 @dataclass
@@ -74,6 +74,24 @@ class Stage:
         """What the CLI prints after a run (besides where the outputs are)."""
         metrics = {k: round(v, 4) for k, v in (result.get("eval") or {}).items() if k.count("/") <= 1}
         return f"final evaluation: {metrics}"
+
+
+class FineTuneStage(Stage):
+    """A stage that starts from earlier weights (--init) and reads data files (--data):
+    sft, reward, dpo. Its config has `init_from` and `data.paths`."""
+
+    data_help = "data files: .json, .jsonl or .parquet files or globs (repeatable)"
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--init", help="the model to start from: a finished run folder or an HF folder")
+        parser.add_argument("--data", nargs="+", action="extend", metavar="FILE_OR_GLOB", help=self.data_help)
+
+    def cli_flags(self, args) -> dict:
+        return {"init_from": args.init, "data": {"paths": args.data} if args.data else None}
+
+    def absolute(self, cfg):
+        return cfg.model_copy(update={"init_from": absolute(cfg.init_from), "data": cfg.data.model_copy(
+            update={"paths": [absolute(p) for p in cfg.data.paths]})})
 
 
 def absolute(path: str) -> str:
@@ -200,3 +218,24 @@ def worker(payload: dict[str, Any], echo=print) -> None:
         write_json_atomic(run_dir / "result.json", {"steps": result["steps"], "tokens_seen": result["tokens_seen"],
                                                     "eval": result["eval"], "finished": time.time()})
     barrier()
+
+
+def write_prepared(run_dir: Path, tokenizer_src: Path, arrays: dict, *, stats: dict, rejects: list) -> None:
+    """RUN_DIR/data/: what a stage prepared on the driver for its workers, written once
+    the folder is ours. arrays: name -> object with save(path) and digest(); plus the
+    tokenizer (copied: the workers and the export need it even if the source moves),
+    stats.json and rejects.jsonl. Skipped when the same arrays are there (a resume)."""
+    from train.weights import copy_tokenizer
+
+    out = run_dir / "data"
+    digest = {name: a.digest() for name, a in arrays.items()}
+    if (out / "digest.json").is_file() and json.loads((out / "digest.json").read_text(encoding="utf-8")) == digest:
+        return
+    copy_tokenizer(tokenizer_src, out / "tokenizer")
+    for name, a in arrays.items():
+        a.save(out / f"{name}.npz")
+    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    write_json_atomic(out / "stats.json", stats)
+    write_json_atomic(out / "digest.json", digest)

@@ -13,16 +13,13 @@ serving engine on the current weights) that end with <|im_end|> in time.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 from pydantic import Field
 
-from dataproc.tokenizer import TOKENIZER_FILES
 from train.chat import ChatTokenizer
 from train.config import BaseDataSection, EvalSection, OptimSection, StageConfig
 from train.conversations import FORMATS
@@ -31,12 +28,11 @@ from train.export_hf import export_hf
 from train.generation import current_weights, engine_for
 from train.model_config import ModelConfig
 from train.packing import Examples, RowSampler, pack_rows, row_batch
-from train.runner import Plan, Stage, absolute
+from train.runner import FineTuneStage, Plan, write_prepared
 from train.sft_data import prepare_sft_data
 from train.weights import find_model_dir, load_transformer, resolve_init
 from zerolm.config import StrictModel
 from zerolm.errors import UserError
-from zerolm.stage import write_json_atomic
 
 DATA = "data"  # RUN_DIR/data: what the workers train on
 
@@ -84,22 +80,11 @@ def steps_for(cfg: SFTConfig, n_rows: int, world_size: int) -> int:
     return cfg.max_steps or cfg.epochs * per_epoch
 
 
-class SFTStage(Stage):
+class SFTStage(FineTuneStage):
     name = "sft"
     help = "supervised fine-tuning on conversations (alpaca, ShareGPT, OpenAI messages, prompt/response)"
     config = SFTConfig
-
-    def add_arguments(self, parser) -> None:
-        parser.add_argument("--init", help="the model to start from: a finished run folder or an HF folder")
-        parser.add_argument("--data", nargs="+", action="extend", metavar="FILE_OR_GLOB",
-                            help="conversations: .json, .jsonl or .parquet files or globs (repeatable)")
-
-    def cli_flags(self, args) -> dict:
-        return {"init_from": args.init, "data": {"paths": args.data} if args.data else None}
-
-    def absolute(self, cfg: SFTConfig) -> SFTConfig:
-        return cfg.model_copy(update={"init_from": absolute(cfg.init_from), "data": cfg.data.model_copy(
-            update={"paths": [absolute(p) for p in cfg.data.paths]})})
+    data_help = "conversations: .json, .jsonl or .parquet files or globs (repeatable)"
 
     def plan(self, cfg: SFTConfig, echo=print) -> Plan:
         init = resolve_init(cfg.init_from)
@@ -119,21 +104,8 @@ class SFTStage(Stage):
                    "tokenizer_sha256": hashlib.sha256((init.model_dir / "tokenizer.json").read_bytes()).hexdigest()}
 
         def write(run_dir: Path) -> None:
-            out = run_dir / DATA
-            digest = {"train": data.train.digest(), "val": data.val.digest()}
-            if (out / "digest.json").is_file() and json.loads((out / "digest.json").read_text()) == digest:
-                return  # resuming: the same examples are already there
-            (out / "tokenizer").mkdir(parents=True, exist_ok=True)
-            for name in TOKENIZER_FILES:
-                if (init.model_dir / name).is_file():
-                    shutil.copy2(init.model_dir / name, out / "tokenizer" / name)
-            data.train.save(out / "train.npz")
-            data.val.save(out / "val.npz")
-            with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-                for r in data.rejects:
-                    f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
-            write_json_atomic(out / "stats.json", {**s, "rows": len(rows), "row_fill": fill})
-            write_json_atomic(out / "digest.json", digest)
+            write_prepared(run_dir, init.model_dir, {"train": data.train, "val": data.val},
+                           stats={**s, "rows": len(rows), "row_fill": fill}, rejects=data.rejects)
 
         return Plan(model_config=init.config, total_steps=total, lineage=lineage, write=write,
                     info={"data": {**s, "rows": len(rows), "row_fill": round(fill, 4)}},

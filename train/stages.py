@@ -14,6 +14,8 @@ from zerolm.errors import UserError
 STAGES = {
     "pretrain": "train.pretrain:STAGE",
     "sft": "train.sft:STAGE",
+    "reward": "train.reward:STAGE",
+    "dpo": "train.dpo:STAGE",
 }
 
 

@@ -148,3 +148,15 @@ def resolve_init(path: str) -> InitSource:
         raise UserError(f"{model_dir} has no tokenizer.json")
     return InitSource(path=str(p), model_dir=model_dir, config=model_config_of(model_dir),
                       sha256=weights_sha256(model_dir), stage=stage)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """The tokenizer files of a model folder into dst."""
+    import shutil
+
+    from dataproc.tokenizer import TOKENIZER_FILES
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)

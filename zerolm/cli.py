@@ -69,6 +69,18 @@ def cmd_data_near_dedup(args) -> int:
     return 0 if stats["rows_out"] > 0 else 1
 
 
+def cmd_data_prefs(args) -> int:
+    from train.prefs import PrefsConfig, run_prefs
+    from zerolm.config import build_config
+
+    flags = {"model": args.model, "prompts": args.prompts, "output": args.output, "reward": args.reward}
+    cfg = build_config(PrefsConfig, config_file=args.config, flags=flags, overrides=args.overrides)
+    stats = run_prefs(cfg, overwrite=args.overwrite)
+    print(f"\npairs: {cfg.output}/pairs ({stats['pairs_out']} of {stats['candidates']} candidates; dropped "
+          f"{stats['dropped_by_reason']})  stats: {cfg.output}/stats.json")
+    return 0 if stats["pairs_out"] else 1
+
+
 def _flat(groups):
     """`--x a b --x c` (append + nargs) -> [a, b, c]; None stays None."""
     return None if not groups else [item for group in groups for item in group]
@@ -229,6 +241,15 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     nd.add_argument("--output", help="output folder: data/ (kept), duplicates/ (audit), stats.json")
     _add_common(nd)
     nd.set_defaults(func=cmd_data_near_dedup)
+
+    pf = data_sub.add_parser("prefs", help="preference pairs: dataset answers (chosen) vs SFT model samples (rejected)")
+    pf.add_argument("--model", help="the SFT run (or HF folder) whose sampled answers become the rejected side")
+    pf.add_argument("--prompts", nargs="+", action="extend", metavar="FILE_OR_GLOB",
+                    help="conversations in any SFT format; the final answer is the chosen side")
+    pf.add_argument("--reward", help="a reward-model run: keep only pairs it scores chosen > rejected")
+    pf.add_argument("--output", help="output folder: pairs/*.parquet, stats.json, rejects.jsonl")
+    _add_common(pf, ray=False)
+    pf.set_defaults(func=cmd_data_prefs)
 
     tq = data_sub.add_parser("train-quality", help="train the fastText quality classifier (high vs low quality)")
     tq.add_argument("--positive", action="append", nargs="+", metavar="[SOURCE=]PATH",
