@@ -90,7 +90,6 @@ def e2e_child(data: Path, cpus: int, scale: int, out: str, nodes: int = 0) -> No
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     import ray
 
-    from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
 
     cluster = None
     if nodes:

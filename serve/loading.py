@@ -6,7 +6,6 @@ its weights read from safetensors (no pickle; nothing but tensors is deserialize
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tokenizers import Tokenizer
 
 from train.model import Transformer
 from train.model_config import ModelConfig
+from train.chat import tokenizer_settings
 from train.weights import find_model_dir, load_transformer, model_config_of
 from zerolm.errors import UserError
 
@@ -44,13 +44,7 @@ class LoadedModel:
 
 
 def tokenizer_meta(model_dir: Path, tok: Tokenizer) -> TokenizerMeta:
-    try:
-        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        cfg = {}
-    template = cfg.get("chat_template")
-    if template is None and (model_dir / "chat_template.jinja").is_file():
-        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    cfg, template = tokenizer_settings(model_dir)
     specials = {t.content: t_id for t_id, t in tok.get_added_tokens_decoder().items() if t.special}
     stops = tuple(specials[s] for s in ("<|im_end|>", "<|endoftext|>") if s in specials)
     return TokenizerMeta(eos_token=cfg.get("eos_token"), bos_token=cfg.get("bos_token"),

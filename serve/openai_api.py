@@ -14,12 +14,13 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.exceptions import TemplateError
 
 from serve.engine import Request, Result, TokenLogprob
 from serve.registry import ServedModel
 from serve.sampling import SamplingParams
 from serve.schemas import ChatRequest, CompletionRequest
+from train.chat import compile_template
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOKENS_LIMIT = 4096
@@ -152,15 +153,17 @@ def completion_response(req: CompletionRequest, served: ServedModel, prompts: li
 
 
 # ------------------------------------------------------------------ chat
-_JINJA = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
 
 def render_chat(req: ChatRequest, served: ServedModel) -> list[int]:
     meta = served.loaded.meta
     if not meta.chat_template:
         raise APIError(400, f"model {served.name!r} has no chat template; use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    text = _JINJA.from_string(meta.chat_template).render(
+    try:
+        template = compile_template(meta.chat_template)  # the renderer training uses (train/chat.py)
+    except TemplateError as exc:
+        raise APIError(400, f"model {served.name!r} has an invalid chat template: {exc}", param="messages") from None
+    text = template.render(
         messages=messages, add_generation_prompt=True, bos_token=meta.bos_token or "", eos_token=meta.eos_token or "")
     # The template's special tokens (<|im_start|>, ...) are parsed as such here.
     return served.loaded.tokenizer.encode(text, add_special_tokens=False).ids

@@ -96,3 +96,21 @@ def tiny_model_dir(tokens_dir) -> Path:
         "scaling": {"launcher": "local"}})
     run_stage("pretrain", cfg, echo=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(tiny_model_dir, shared_data) -> Path:
+    """tiny_model_dir fine-tuned briefly on real SFT data (local launcher): a chat model
+    for the preference stages and `zerolm data prefs`."""
+    from train.runner import run_stage
+    from train.sft import SFTConfig
+
+    out = tiny_model_dir.parent / "tiny_sft"
+    cfg = SFTConfig.model_validate({
+        "output": str(out), "init_from": str(tiny_model_dir), "max_steps": 40, "log_every": 20,
+        "data": {"paths": [str(shared_data / "sft" / "identity.json"), str(shared_data / "sft" / "alpaca_en_demo.json")],
+                 "seq_len": 256, "micro_batch_size": 8, "placeholders": {"name": "Zero", "author": "zerolm"}},
+        "optim": {"lr": 3e-3}, "eval": {"every": 0, "generate": 0}, "checkpoint": {"every": 0},
+        "scaling": {"launcher": "local"}})
+    run_stage("sft", cfg, echo=lambda *_: None)
+    return out

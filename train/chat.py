@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from zerolm.errors import UserError
@@ -38,16 +41,23 @@ class Encoded:
         return self.answer_starts[-1]
 
 
+def tokenizer_settings(d: Path) -> tuple[dict, str | None]:
+    """tokenizer_config.json ({} if absent or unreadable) and the chat template: its
+    `chat_template`, else a chat_template.jinja beside it (transformers 5 layout)."""
+    try:
+        cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        cfg = {}
+    template = cfg.get("chat_template")
+    if template is None and (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    return cfg, template
+
+
 class ChatTokenizer:
     def __init__(self, tokenizer_dir: str | Path):
         d = Path(tokenizer_dir)
-        try:
-            cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            cfg = {}
-        template = cfg.get("chat_template")
-        if template is None and (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        cfg, template = tokenizer_settings(d)
         if not template:
             raise UserError(f"{d}: the tokenizer has no chat template (tokenizer_config.json chat_template); "
                             "train one with `zerolm tokenizer train` or add a template")
@@ -58,7 +68,10 @@ class ChatTokenizer:
         self.pad_id = self.tok.token_to_id("<|endoftext|>")
         self.pad_id = self.end_id if self.pad_id is None else self.pad_id
         self.special = {k: _content(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        self.template = _compile(template)
+        try:
+            self.template = compile_template(template)
+        except TemplateError as exc:
+            raise UserError(f"the chat template is not valid Jinja: {exc}") from None
         self.check_template()
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -130,20 +143,15 @@ def _content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def _compile(template: str):
+@lru_cache(maxsize=16)
+def compile_template(template: str):
     """As transformers compiles chat templates: a sandboxed, immutable Jinja
     environment with trim_blocks and lstrip_blocks (the file is user input: the
-    sandbox keeps a template from reaching Python internals)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
+    sandbox keeps a template from reaching Python internals). Raises TemplateError."""
     def raise_exception(message):
         raise TemplateError(message)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
-    try:
-        return env.from_string(template)
-    except TemplateError as exc:
-        raise UserError(f"the chat template is not valid Jinja: {exc}") from None
+    return env.from_string(template)

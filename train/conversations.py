@@ -123,6 +123,28 @@ def read_records(path: Path) -> Iterator[tuple[dict, Where] | Reject]:
     yield from _json_lines(path, data)
 
 
+def parse_files(patterns: list[str], parse, *, missing: str) -> tuple[list, list[Reject], int, list[Path]]:
+    """Every record of the files through parse(record) -> item (raising BadRecord for
+    an unusable one): ([(item, where)], rejects, records read, files). missing: the
+    error when no file is given."""
+    files = expand_paths(patterns) if patterns else []
+    if not files:
+        raise UserError(missing)
+    items, rejects, records = [], [], 0
+    for path in files:
+        for got in read_records(path):
+            records += 1
+            if isinstance(got, Reject):
+                rejects.append(got)
+                continue
+            record, where = got
+            try:
+                items.append((parse(record), where))
+            except BadRecord as exc:
+                rejects.append(Reject(where, exc.args[0], str(record)[:200]))
+    return items, rejects, records, files
+
+
 def _text(value, what: str) -> str:
     if isinstance(value, str):
         return value

@@ -29,8 +29,7 @@ from train.distributed import WorkerContext
 from train.export_hf import export_hf
 from train.losses import DPO_LOSSES, IGNORE_INDEX, dpo_loss, sequence_sums
 from train.pairs import PairsSection
-from train.reward import PairTask, plan_pairs
-from train.runner import FineTuneStage, Plan
+from train.reward import PairStage, PairTask
 from train.weights import find_model_dir, load_transformer
 from zerolm.config import StrictModel
 
@@ -75,6 +74,15 @@ class DPOTask(PairTask):
                 self.ref_tables = {"train": self._precompute("train", self.train, self.sampler.rows),
                                    "val": self._precompute("val", self.val, self.val_rows)}
                 self.reference = None  # released: the tables replace it
+
+    @classmethod
+    def in_memory(cls, cfg: DPOConfig, ctx: WorkerContext, mcfg, tokenizer_dir: Path, train, val,
+                  reference: torch.nn.Module) -> "DPOTask":
+        """The task over pairs already in memory, with a given reference (benchmarks)."""
+        task = cls.__new__(cls)
+        task.setup(cfg, ctx, mcfg, tokenizer_dir, train, val)
+        task.run_dir, task.reference, task.ref_tables = None, reference, {}
+        return task
 
     def build_model(self) -> torch.nn.Module:
         return load_transformer(find_model_dir(self.cfg.init_from), self.mcfg, device=self.ctx.device).train()
@@ -161,14 +169,10 @@ class DPOTask(PairTask):
         export_hf(state_dict, self.mcfg, out_dir, tokenizer_dir=self.tokenizer_dir, chat=True)
 
 
-class DPOStage(FineTuneStage):
+class DPOStage(PairStage):
     name = "dpo"
     help = "direct preference optimisation (DPO, cDPO, rDPO, IPO, SimPO) on preference pairs"
     config = DPOConfig
-    data_help = "preference pairs: .json, .jsonl or .parquet files or globs (repeatable)"
-
-    def plan(self, cfg: DPOConfig, echo=print) -> Plan:
-        return plan_pairs(self, cfg, echo, shift=True)[0]
 
     def task(self, cfg: DPOConfig, run_dir: Path, ctx: WorkerContext) -> DPOTask:
         return DPOTask(cfg, run_dir, ctx)

@@ -175,7 +175,8 @@ class Transformer(nn.Module):
         document counting from 0, and doc_ids (B, T): a token attends only to earlier
         tokens of its own document, so each document is computed exactly as if alone."""
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
+        if T > self.cfg.max_seq_len and positions is None:
+            # (packed rows may be longer than the context: each document's positions are what count)
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
         if positions is None:
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, D)

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from train.chat import ChatTokenizer
 from train.config import BaseDataSection
-from train.conversations import BadRecord, Reject, expand_paths, read_records
+from train.conversations import Reject, parse_files
 from train.packing import Examples
 from train.preferences import PAIR_FORMATS, Pair, to_pair
 from train.sft_data import _val_split, file_digest, prompt_text
@@ -80,27 +80,16 @@ class PairData:
     files: list[dict] = field(default_factory=list)
 
 
-def read_pairs(d: PairsSection) -> tuple[list[Pair], list[Reject], int]:
-    files = expand_paths(d.paths) if d.paths else []
-    if not files:
-        raise UserError("no preference data: give --data FILE_OR_GLOB (json, jsonl or parquet)")
-    pairs, rejects, records_in = [], [], 0
-    for path in files:
-        for item in read_records(path):
-            records_in += 1
-            if isinstance(item, Reject):
-                rejects.append(item)
-                continue
-            record, where = item
-            try:
-                pair = to_pair(record, d.format)
-            except BadRecord as exc:
-                rejects.append(Reject(where, exc.args[0], str(record)[:200]))
-                continue
-            if d.system_prompt and pair.prompt[0]["role"] != "system":
-                pair.prompt = [{"role": "system", "content": d.system_prompt}] + pair.prompt
-            pairs.append(pair)
-    return pairs, rejects, records_in
+def read_pairs(d: PairsSection) -> tuple[list[Pair], list[Reject], int, list[Path]]:
+    def parse(record: dict) -> Pair:
+        pair = to_pair(record, d.format)
+        if d.system_prompt and pair.prompt[0]["role"] != "system":
+            pair.prompt = [{"role": "system", "content": d.system_prompt}] + pair.prompt
+        return pair
+
+    items, rejects, records, files = parse_files(
+        d.paths, parse, missing="no preference data: give --data FILE_OR_GLOB (json, jsonl or parquet)")
+    return [pair for pair, _ in items], rejects, records, files
 
 
 def encode_pairs(pairs: list[Pair], chat: ChatTokenizer, seq_len: int, min_answer: int) -> tuple[list, Counter, int]:
@@ -133,7 +122,7 @@ def _build(items: list) -> PairExamples:
 
 
 def prepare_pairs(d: PairsSection, chat: ChatTokenizer, echo=print) -> PairData:
-    pairs, rejects, records_in = read_pairs(d)
+    pairs, rejects, records_in, files = read_pairs(d)
     held_out = _val_split([prompt_text(p.prompt) for p in pairs], d.val_fraction, d.val_min, d.val_max, d.seed)
     encoded, dropped, truncated = encode_pairs(pairs, chat, d.seq_len, d.min_answer_tokens)
     items: dict[str, list] = {"train": [], "val": []}
@@ -155,7 +144,7 @@ def prepare_pairs(d: PairsSection, chat: ChatTokenizer, echo=print) -> PairData:
     echo(f"pairs: {records_in} records -> {len(train)} train + {len(val)} held out; rejected "
          f"{stats['rejected_by_reason'] or 0}, dropped {stats['dropped_by_reason'] or 0}, {truncated} answers cut "
          f"to {d.seq_len} tokens")
-    return PairData(train, val, stats, rejects, [file_digest(f) for f in expand_paths(d.paths)])
+    return PairData(train, val, stats, rejects, [file_digest(f) for f in files])
 
 
 def pair_rows(data: PairExamples, row_len: int, *, seed: int, shift: bool) -> list[list[int]]:

@@ -78,8 +78,8 @@ def detect_pair_format(record: dict) -> str:
         return "sharegpt"
     if "preferred_output" in record or "input" in record:
         return "openai"
-    if "chosen" in record and "rejected" in record:
-        return "trl"
+    if "chosen" in record or "rejected" in record:
+        return "trl"  # (a side missing is then a missing_field)
     raise BadRecord("unknown_format")
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from train.conversations import FORMATS, BadRecord, Reject, check_conversation, expand_paths, read_records, to_messages
+from train.conversations import FORMATS, Reject, check_conversation, parse_files, to_messages
 from train.sft_data import file_digest
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
@@ -59,27 +59,16 @@ class PrefsConfig(StrictModel):
     device: str = "auto"
 
 
-def read_prompts(cfg: PrefsConfig) -> tuple[list[tuple[list[dict], str, object]], list[Reject], int]:
-    """[(prompt messages, dataset answer, where)], rejects, records read."""
-    files = expand_paths(cfg.prompts) if cfg.prompts else []
-    if not files:
-        raise UserError("no prompts: give --prompts FILE_OR_GLOB (conversations in any SFT format)")
-    items, rejects, records = [], [], 0
-    for path in files:
-        for item in read_records(path):
-            records += 1
-            if isinstance(item, Reject):
-                rejects.append(item)
-                continue
-            record, where = item
-            try:
-                msgs = to_messages(record, cfg.format)
-                check_conversation(msgs)
-            except BadRecord as exc:
-                rejects.append(Reject(where, exc.args[0], str(record)[:200]))
-                continue
-            items.append((msgs[:-1], msgs[-1]["content"], where))
-    return items, rejects, records
+def read_prompts(cfg: PrefsConfig) -> tuple[list[tuple[list[dict], str, object]], list[Reject], int, list[Path]]:
+    """[(prompt messages, dataset answer, where)], rejects, records read, files."""
+    def parse(record: dict) -> list[dict]:
+        msgs = to_messages(record, cfg.format)
+        check_conversation(msgs)
+        return msgs
+
+    items, rejects, records, files = parse_files(
+        cfg.prompts, parse, missing="no prompts: give --prompts FILE_OR_GLOB (conversations in any SFT format)")
+    return [(m[:-1], m[-1]["content"], where) for m, where in items], rejects, records, files
 
 
 def run_prefs(cfg: PrefsConfig, *, overwrite: bool = False, echo=print) -> dict:
@@ -99,11 +88,11 @@ def run_prefs(cfg: PrefsConfig, *, overwrite: bool = False, echo=print) -> dict:
         rm_dir = find_model_dir(cfg.reward)
         if not is_reward_model(rm_dir):
             raise UserError(f"--reward {cfg.reward} is not a reward model (train one with `zerolm train reward`)")
-    items, rejects, records = read_prompts(cfg)
+    items, rejects, records, files = read_prompts(cfg)
     if not items:
         raise UserError(f"no usable conversation in {', '.join(cfg.prompts)}: {records} records, rejected "
                         f"{dict(Counter(r.reason for r in rejects))}")
-    lineage = {"model_sha256": init.sha256, "prompts": [file_digest(f) for f in expand_paths(cfg.prompts)],
+    lineage = {"model_sha256": init.sha256, "prompts": [file_digest(f) for f in files],
                "reward": resolve_init(cfg.reward).sha256 if cfg.reward else None}
     out = Path(cfg.output)
     stage = StageDir(out, STAGE, config_hash({"config": cfg.model_dump(mode="json", exclude={"output", "device",

@@ -80,12 +80,15 @@ class PairTask:
     shift = True
 
     def __init__(self, cfg, run_dir: Path, ctx: WorkerContext):
-        self.cfg, self.ctx = cfg, ctx
-        self.mcfg = ModelConfig.load(run_dir)
-        self.tokenizer_dir = run_dir / DATA / "tokenizer"
+        self.setup(cfg, ctx, ModelConfig.load(run_dir), run_dir / DATA / "tokenizer",
+                   PairExamples.load(run_dir / DATA / "train.npz"), PairExamples.load(run_dir / DATA / "val.npz"))
+
+    def setup(self, cfg, ctx: WorkerContext, mcfg: ModelConfig, tokenizer_dir: Path, train: PairExamples,
+              val: PairExamples) -> None:
+        self.cfg, self.ctx, self.mcfg = cfg, ctx, mcfg
+        self.tokenizer_dir = tokenizer_dir
         self.chat = ChatTokenizer(self.tokenizer_dir)
-        self.train = PairExamples.load(run_dir / DATA / "train.npz")
-        self.val = PairExamples.load(run_dir / DATA / "val.npz")
+        self.train, self.val = train, val
         d = cfg.data
         self.row_len = 2 * d.seq_len
         self.sampler = RowSampler(pair_rows(self.train, self.row_len, seed=d.seed, shift=self.shift), seed=d.seed,
@@ -160,14 +163,21 @@ class RewardTask(PairTask):
         export_reward_model(state_dict, self.mcfg, out_dir, self.tokenizer_dir)
 
 
-class RewardStage(FineTuneStage):
+class PairStage(FineTuneStage):
+    """reward and dpo: --init, --data with preference pairs, the same planning."""
+
+    data_help = "preference pairs: .json, .jsonl or .parquet files or globs (repeatable)"
+    shift = True  # rows hold (input, next-token target) positions; False: every token as input
+
+    def plan(self, cfg, echo=print) -> Plan:
+        return plan_pairs(self, cfg, echo, shift=self.shift)[0]
+
+
+class RewardStage(PairStage):
     name = "reward"
     help = "train a reward model on preference pairs (ShareGPT, trl or OpenAI preference format)"
     config = RewardConfig
-    data_help = "preference pairs: .json, .jsonl or .parquet files or globs (repeatable)"
-
-    def plan(self, cfg: RewardConfig, echo=print) -> Plan:
-        return plan_pairs(self, cfg, echo, shift=False)[0]
+    shift = False
 
     def task(self, cfg: RewardConfig, run_dir: Path, ctx: WorkerContext) -> RewardTask:
         return RewardTask(cfg, run_dir, ctx)

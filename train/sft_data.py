@@ -19,8 +19,7 @@ import numpy as np
 
 from dataproc.near_dedup.local import near_duplicate_of
 from train.chat import ChatTokenizer, truncate_at_turn
-from train.conversations import (BadRecord, Reject, check_conversation, expand_paths, fill_placeholders,
-                                 read_records, to_messages)
+from train.conversations import Reject, check_conversation, fill_placeholders, parse_files, to_messages
 from train.packing import Examples
 from zerolm.errors import UserError
 
@@ -62,34 +61,22 @@ def _val_split(prompts: list[str], fraction: float, lo: int, hi: int, seed: int)
 
 def prepare_sft_data(d, chat: ChatTokenizer, echo=print) -> SFTData:
     """d: the config's SFT data section."""
-    files = expand_paths(d.paths) if d.paths else []
-    if not files:
-        raise UserError("no SFT data: give --data FILE_OR_GLOB (json, jsonl or parquet)")
-    rejects: list[Reject] = []
-    convs, wheres = [], []
-    records_in, unfilled = 0, Counter()
-    per_file: Counter = Counter()
-    for path in files:
-        for item in read_records(path):
-            records_in += 1
-            per_file[path.name] += 1
-            if isinstance(item, Reject):
-                rejects.append(item)
-                continue
-            record, where = item
-            try:
-                msgs = to_messages(record, d.format, prompt_field=d.prompt_field, response_field=d.response_field,
-                                   system_field=d.system_field)
-                if d.system_prompt and not (msgs and msgs[0]["role"] == "system"):
-                    msgs = [{"role": "system", "content": d.system_prompt}] + msgs
-                msgs, left = fill_placeholders(msgs, d.placeholders)
-                check_conversation(msgs)
-            except BadRecord as exc:
-                rejects.append(Reject(where, exc.args[0], str(record)[:200]))
-                continue
-            unfilled.update(left)
-            convs.append(msgs)
-            wheres.append(where)
+    unfilled: Counter = Counter()
+
+    def parse(record: dict) -> list[dict]:
+        msgs = to_messages(record, d.format, prompt_field=d.prompt_field, response_field=d.response_field,
+                           system_field=d.system_field)
+        if d.system_prompt and not (msgs and msgs[0]["role"] == "system"):
+            msgs = [{"role": "system", "content": d.system_prompt}] + msgs
+        msgs, left = fill_placeholders(msgs, d.placeholders)
+        check_conversation(msgs)
+        unfilled.update(left)
+        return msgs
+
+    items, rejects, records_in, files = parse_files(
+        d.paths, parse, missing="no SFT data: give --data FILE_OR_GLOB (json, jsonl or parquet)")
+    convs, wheres = [m for m, _ in items], [w for _, w in items]
+    per_file = Counter(Path(w.file).name for w in wheres) + Counter(Path(r.where.file).name for r in rejects)
     dropped: Counter = Counter()
     prompts = [prompt_text(c) for c in convs]
     if d.prompt_dedup.enabled and convs:

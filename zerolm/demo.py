@@ -65,6 +65,23 @@ def demo_sft_config(init: Path, data: list[str], output: Path, address: str | No
     }
 
 
+def demo_prefs_config(chat: Path, prompts: list[str], output: Path) -> dict:
+    """Pairs from the demo's own instruction set: its answers vs the chat model's samples."""
+    return {"model": str(chat), "prompts": prompts, "output": str(output), "samples": 1, "max_new_tokens": 64,
+            "temperature": 1.0, "top_p": 0.95}
+
+
+def demo_dpo_config(init: Path, pairs: Path, output: Path, address: str | None) -> dict:
+    return {
+        "output": str(output), "init_from": str(init),
+        "data": {"paths": [str(pairs / "pairs" / "*.parquet")], "seq_len": 256, "micro_batch_size": 4,
+                 "val_max": 128},
+        "dpo": {"beta": 0.1}, "optim": {"lr": 2e-4}, "epochs": 1, "log_every": 10,
+        "eval": {"every": 0, "at_start": True}, "checkpoint": {"every": 0},
+        "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
+    }
+
+
 def _write_config(work: Path, name: str, data: dict) -> Path:
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
@@ -80,6 +97,8 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     from dataproc.tokenizer import TokenizerConfig, train_tokenizer
     from train.config import PretrainConfig
     from train.runner import run_stage
+    from train.dpo import DPOConfig
+    from train.prefs import PrefsConfig, run_prefs
     from train.sft import SFTConfig
     from zerolm.demo_sft import write_demo_sft
 
@@ -148,19 +167,38 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     outputs["sft data"] = work / "sft_data"
     outputs["chat run"] = work / "runs" / "chat"
 
+    _banner("prefs: zerolm data prefs (chosen: the dataset's answer, rejected: the chat model's sample)")
+    prefs_cfg = demo_prefs_config(outputs["chat run"], sft_data, work / "prefs")
+    _write_config(work, "prefs", prefs_cfg)
+    run_prefs(PrefsConfig.model_validate(prefs_cfg), overwrite=overwrite)
+    outputs["pairs"] = work / "prefs"
+
+    _banner("dpo: zerolm train dpo (frozen reference; Ray Train, 2 workers, ZeRO-2)")
+    dpo_cfg = demo_dpo_config(outputs["chat run"], outputs["pairs"], work / "runs" / "dpo", address)
+    _write_config(work, "dpo", dpo_cfg)
+    result = run_stage("dpo", DPOConfig.model_validate(dpo_cfg), overwrite=overwrite)
+    from train.metrics import read_metrics
+
+    before = next((r for r in read_metrics(work / "runs" / "dpo", "eval") if r["step"] == 0), {})
+    ev = result.get("eval") or {}
+    print(f"held-out pairs whose chosen answer the model prefers (per-token log-prob): before DPO "
+          f"{before.get('val/logp_accuracy', float('nan')):.3f}, after {ev.get('val/logp_accuracy', float('nan')):.3f}; "
+          f"DPO reward accuracy (log ratio to the SFT model) {ev.get('val/reward_accuracy', float('nan')):.3f}")
+    outputs["dpo run"] = work / "runs" / "dpo"
+
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
     print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
     print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
     if serve_port:
-        _serve(outputs["run"], outputs["chat run"], serve_port)
+        _serve(outputs["run"], outputs["dpo run"], serve_port)
     return outputs
 
 
 def _serve(run_dir: Path, chat_dir: Path, port: int) -> None:
-    """Serve the pretrained model (`demo`) and its SFT (`chat`) until Ctrl-C, with
-    requests to paste into another shell."""
+    """Serve the pretrained model (`demo`) and the chat model (`chat`: SFT, then DPO)
+    until Ctrl-C, with requests to paste into another shell."""
     import ray
 
     from serve.server import serve

