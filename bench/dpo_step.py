@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 from common import DEFAULT_DATA, emit, machine, print_table
-from sft_step import hf_model, tokenizer_dir
+from sft_step import hf_model, time_train_steps, tokenizer_dir
 
 import torch  # noqa: E402
 
@@ -36,7 +36,7 @@ def bench_ours(args, pairs, tok_dir, mcfg, init_state) -> dict:
     from train.distributed import setup
     from train.dpo import DPOConfig, DPOTask
     from train.export_hf import from_hf_state_dict
-    from train.loop import build_engine, prepare_frozen, train_step
+    from train.loop import build_engine, prepare_frozen
     from train.model import Transformer
     from train.packing import Examples
     from train.pairs import PairExamples, encode_pairs
@@ -58,14 +58,8 @@ def bench_ours(args, pairs, tok_dir, mcfg, init_state) -> dict:
     model.load_state_dict(from_hf_state_dict(init_state), strict=False)
     prepare_frozen(task, model)
     engine, _, _ = build_engine(cfg, model, ctx, total_steps=10**6)
-    done_pairs = tokens = 0
-    for step in range(args.warmup):
-        train_step(engine, task, step, 1, ctx)
-    t0 = time.time()
-    for step in range(args.warmup, args.warmup + args.steps):
-        stats = train_step(engine, task, step, 1, ctx)
-        done_pairs, tokens = done_pairs + stats.count, tokens + stats.tokens
-    wall = time.time() - t0
+    wall, stats = time_train_steps(engine, task, ctx, args.warmup, args.steps)
+    done_pairs, tokens = stats.count, stats.tokens
     return {"what": "zerolm", "wall_s": round(wall, 2), "pairs": int(done_pairs), "pairs_per_s": round(done_pairs / wall, 2),
             "tokens_per_s": round(tokens / wall)}
 

@@ -65,12 +65,24 @@ def hf_model(mcfg):
         attn_implementation="sdpa"))
 
 
+def time_train_steps(engine, task, ctx, warmup: int, steps: int):
+    """(wall seconds, StepStats summed) of `steps` loop steps after `warmup` untimed ones."""
+    from train.loop import StepStats, train_step
+
+    for step in range(warmup):
+        train_step(engine, task, step, 1, ctx)
+    total, t0 = StepStats(), time.time()
+    for step in range(warmup, warmup + steps):
+        total.merge(train_step(engine, task, step, 1, ctx))
+    return time.time() - t0, total
+
+
 def bench_ours(args, convs, tok_dir, mcfg, init_state) -> dict:
     from train.chat import ChatTokenizer, truncate_at_turn
     from train.config import StageConfig
     from train.distributed import setup
     from train.export_hf import from_hf_state_dict
-    from train.loop import build_engine, train_step
+    from train.loop import build_engine
     from train.model import Transformer
     from train.packing import Examples, RowSampler, pack_rows, row_batch
 
@@ -96,15 +108,8 @@ def bench_ours(args, convs, tok_dir, mcfg, init_state) -> dict:
     cfg = StageConfig.model_validate({"output": "/tmp/unused", "data": {"micro_batch_size": args.batch, "seq_len": args.seq},
                                       "deepspeed": {"zero_stage": 0, "precision": "fp32"}, "optim": {"lr": 1e-4}})
     engine, _, _ = build_engine(cfg, model, ctx, total_steps=10**6)
-    task = Task()
-    real = loss_tokens = 0
-    for step in range(args.warmup):
-        train_step(engine, task, step, 1, ctx)
-    t0 = time.time()
-    for step in range(args.warmup, args.warmup + args.steps):
-        stats = train_step(engine, task, step, 1, ctx)
-        real, loss_tokens = real + stats.tokens, loss_tokens + stats.count
-    wall = time.time() - t0
+    wall, stats = time_train_steps(engine, Task(), ctx, args.warmup, args.steps)
+    real, loss_tokens = stats.tokens, stats.count
     return {"what": "zerolm", "steps": args.steps, "wall_s": round(wall, 2), "tokens_per_s": round(real / wall),
             "loss_tokens_per_s": round(loss_tokens / wall),
             "padding": round(1 - real / (args.steps * args.batch * args.seq), 4), "rows": len(rows)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -29,7 +28,7 @@ from pydantic import Field
 from dataproc.mixture import MixtureStage, validate_mixture
 from dataproc.quality.buckets import base_source
 from dataproc.quality.curriculum import CurriculumConfig, apply_curriculum, extra_columns, plan_curriculum
-from dataproc.tokenizer import TOKENIZER_FILES, TokenizerInfo, load_tokenizer_dir, tokenizer_info
+from dataproc.tokenizer import TokenizerInfo, copy_tokenizer_files, load_tokenizer_dir, tokenizer_info
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
 from zerolm.stage import StageDir, require_done, write_json_atomic
@@ -260,10 +259,7 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     splits = finalize_shards(out_dir, sink.shards)
     # A copy of the tokenizer makes TOKENS_DIR self-contained: it can move to another
     # machine (a GPU node) and still decode, count bytes per token, and export.
-    (out_dir / TOKENIZER_COPY).mkdir(exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(cfg.tokenizer) / name).is_file():
-            shutil.copy2(Path(cfg.tokenizer) / name, out_dir / TOKENIZER_COPY / name)
+    copy_tokenizer_files(cfg.tokenizer, out_dir / TOKENIZER_COPY)
     elapsed = time.time() - started
     manifest = {
         "format": "zerolm-tokens-v1", "dtype": dtype, "byte_order": "little",

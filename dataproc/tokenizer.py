@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,6 +104,15 @@ def chat_template(default_system_prompt: Optional[str] = None) -> str:
         + "{% endfor %}"
         + f"{{% if add_generation_prompt %}}{IM_START}assistant\n{{% endif %}}"
     )
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
+    """The tokenizer files of src (a tokenizer, tokens or model folder) into dst."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
 
 
 def build_empty_tokenizer(pretokenizer: str = "zh_en") -> Tokenizer:

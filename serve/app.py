@@ -3,6 +3,7 @@ Prometheus metrics. Everything model-related is in engine.py / openai_api.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -86,8 +87,6 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         registry.close()  # stop engine processes with the server (also under TestClient)
 
     app = FastAPI(title="zerolm", version="0.1.0", lifespan=lifespan)
-    import asyncio
-
     reward_lock = asyncio.Lock()
     m = metrics or Metrics()
     app.state.metrics, app.state.registry = m, registry
@@ -232,8 +231,6 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
             if len(seq) > served.scorer.context:
                 raise oa.APIError(400, f"conversation {i} has {len(seq)} tokens, over the model's context of "
                                        f"{served.scorer.context}", param="messages", code="context_length_exceeded")
-        import asyncio
-
         async with reward_lock:  # one forward at a time: the scorer's model is not re-entrant on a GPU stream
             scores = await asyncio.to_thread(served.scorer.score_ids, ids)
         m.prompt_tokens.labels(served.name).inc(sum(map(len, ids)))
@@ -271,8 +268,6 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
     async def evaluations(req: EvaluationRequest):
         served = generator_or_400(req.model)
         from serve.eval.api import run_evaluation  # evaluation code loads only when used
-
-        import asyncio
 
         return await asyncio.to_thread(run_evaluation, served, req)
 

@@ -18,8 +18,6 @@ from train.chat import tokenizer_settings
 from train.weights import find_model_dir, load_transformer, model_config_of
 from zerolm.errors import UserError
 
-__all__ = ["LoadedModel", "TokenizerMeta", "find_model_dir", "load_model", "tokenizer_meta"]
-
 
 @dataclass
 class TokenizerMeta:

@@ -173,14 +173,12 @@ class DPOStage(PairStage):
     name = "dpo"
     help = "direct preference optimisation (DPO, cDPO, rDPO, IPO, SimPO) on preference pairs"
     config = DPOConfig
+    summary_keys = ("val/reward_accuracy", "val/margin", "val/kl_chosen")
+    next_step = "chat with it: zerolm serve --model chat={output}"
 
     def task(self, cfg: DPOConfig, run_dir: Path, ctx: WorkerContext) -> DPOTask:
         return DPOTask(cfg, run_dir, ctx)
 
-    def summary(self, cfg, result: dict) -> str:
-        ev = result.get("eval") or {}
-        return (f"held out: val/reward_accuracy {ev.get('val/reward_accuracy', float('nan')):.3f}, val/margin "
-                f"{ev.get('val/margin', float('nan')):.3f}, val/kl_chosen {ev.get('val/kl_chosen', float('nan')):.4f}")
 
 
 STAGE = DPOStage()

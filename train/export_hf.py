@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dataproc.tokenizer import ENDOFTEXT, IM_END, TOKENIZER_FILES
+from dataproc.tokenizer import ENDOFTEXT, IM_END, copy_tokenizer_files
 from train.model_config import ModelConfig
 
 # Prefixes wrappers add to parameter names: DeepSpeed / DDP, torch.compile.
@@ -220,9 +220,7 @@ def export_hf(
         _write_json(tmp / "generation_config.json", gen)
         cfg.save(tmp)
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (tokenizer_dir / name).is_file():
-                    shutil.copy2(tokenizer_dir / name, tmp / name)
+            copy_tokenizer_files(tokenizer_dir, tmp)
         if chat:
             _set_eos_token(tmp, IM_END)
         _replace_dir(tmp, out_dir)

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from train.model import Transformer
 from train.model_config import ModelConfig
+from train.weights import transformer_from_state
 
 
 def current_weights(engine) -> dict[str, torch.Tensor]:
@@ -38,10 +38,7 @@ def engine_for(state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device
     from serve.loading import LoadedModel, tokenizer_meta
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = Transformer(mcfg)
-    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=False)
-    model = model.to(device=device, dtype=dtype).eval()
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    model = transformer_from_state(state, mcfg, device=device, dtype=dtype, where="the trained model")
     tokenizer_dir = Path(tokenizer_dir)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     loaded = LoadedModel(name="training", path=tokenizer_dir, config=mcfg, model=model, tokenizer=tok,

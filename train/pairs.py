@@ -27,7 +27,7 @@ from train.config import BaseDataSection
 from train.conversations import Reject, parse_files
 from train.packing import Examples
 from train.preferences import PAIR_FORMATS, Pair, to_pair
-from train.sft_data import _val_split, file_digest, prompt_text
+from train.sft_data import val_split, file_digest, prompt_text
 from zerolm.errors import UserError
 
 
@@ -123,7 +123,7 @@ def _build(items: list) -> PairExamples:
 
 def prepare_pairs(d: PairsSection, chat: ChatTokenizer, echo=print) -> PairData:
     pairs, rejects, records_in, files = read_pairs(d)
-    held_out = _val_split([prompt_text(p.prompt) for p in pairs], d.val_fraction, d.val_min, d.val_max, d.seed)
+    held_out = val_split([prompt_text(p.prompt) for p in pairs], d.val_fraction, d.val_min, d.val_max, d.seed)
     encoded, dropped, truncated = encode_pairs(pairs, chat, d.seq_len, d.min_answer_tokens)
     items: dict[str, list] = {"train": [], "val": []}
     for enc, val in zip(encoded, held_out):

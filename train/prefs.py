@@ -137,6 +137,7 @@ def run_prefs(cfg: PrefsConfig, *, overwrite: bool = False, echo=print) -> dict:
         for (i, k, seed, n_prompt), res in zip(owners, results):
             prompt, answer, where = items[i]
             sample = res.text
+            # + 2: the turn's <|im_end|> and newline, as the pair stages render each side
             answer_tokens = len(chat.tok.encode(answer, add_special_tokens=False).ids) + 2
             reason = ("sample_did_not_end" if res.finish_reason != "stop" else
                       "empty_sample" if not sample.strip() else

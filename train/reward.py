@@ -14,7 +14,6 @@ The export is a LlamaForSequenceClassification folder; `zerolm serve` serves it 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -28,10 +27,9 @@ from train.model_config import ModelConfig
 from train.packing import RowSampler, row_batch
 from train.pairs import PairExamples, PairsSection, pair_rows, prepare_pairs
 from train.reward_model import RewardModel, export_reward_model
-from train.runner import FineTuneStage, Plan, Stage, write_prepared
-from train.weights import find_model_dir, load_transformer, resolve_init
+from train.runner import FineTuneStage, Plan, write_prepared
+from train.weights import find_model_dir, load_transformer
 from zerolm.config import StrictModel
-from zerolm.errors import UserError
 
 DATA = "data"
 
@@ -49,29 +47,23 @@ class RewardConfig(StageConfig):
     epochs: int = Field(default=1, ge=1)
 
 
-def plan_pairs(stage: Stage, cfg, echo, *, shift: bool) -> tuple[Plan, list]:
+def plan_pairs(stage: FineTuneStage, cfg, echo, *, shift: bool) -> Plan:
     """What the reward and DPO stages share: init, chat template, pairs, rows, steps."""
-    init = resolve_init(cfg.init_from)
-    if cfg.data.seq_len > init.config.max_seq_len:
-        raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
-                        f"({init.config.max_seq_len})")
-    chat = ChatTokenizer(init.model_dir)
+    init, chat = stage.start_point(cfg)
     data = prepare_pairs(cfg.data, chat, echo)
     rows = pair_rows(data.train, 2 * cfg.data.seq_len, seed=cfg.data.seed, shift=shift)
     d = cfg.data
-    total = cfg.max_steps or cfg.epochs * math.ceil(len(rows) / (d.micro_batch_size * d.grad_accum *
-                                                                 cfg.scaling.num_workers))
+    total = stage.total_steps(cfg, len(rows))
     lineage = {"init": init.lineage(), "data": data.files}
 
     def write(run_dir: Path) -> None:
         write_prepared(run_dir, init.model_dir, {"train": data.train, "val": data.val},
                        stats={**data.stats, "rows": len(rows)}, rejects=data.rejects)
 
-    plan = Plan(model_config=init.config, total_steps=total, lineage=lineage, write=write,
+    return Plan(model_config=init.config, total_steps=total, lineage=lineage, write=write,
                 info={"data": {**data.stats, "rows": len(rows)}},
                 describe=f"{stage.name} of {init.config.num_params() / 1e6:.2f}M params from {init.path}: "
                          f"{len(data.train)} pairs in {len(rows)} rows of {2 * d.seq_len}, {total} steps")
-    return plan, rows
 
 
 class PairTask:
@@ -170,7 +162,7 @@ class PairStage(FineTuneStage):
     shift = True  # rows hold (input, next-token target) positions; False: every token as input
 
     def plan(self, cfg, echo=print) -> Plan:
-        return plan_pairs(self, cfg, echo, shift=self.shift)[0]
+        return plan_pairs(self, cfg, echo, shift=self.shift)
 
 
 class RewardStage(PairStage):
@@ -178,15 +170,12 @@ class RewardStage(PairStage):
     help = "train a reward model on preference pairs (ShareGPT, trl or OpenAI preference format)"
     config = RewardConfig
     shift = False
+    summary_keys = ("val/accuracy", "val/margin")
+    next_step = "serve it: zerolm serve --model rm={output} (POST /v1/rewards)"
 
     def task(self, cfg: RewardConfig, run_dir: Path, ctx: WorkerContext) -> RewardTask:
         return RewardTask(cfg, run_dir, ctx)
 
-    def summary(self, cfg, result: dict) -> str:
-        ev = result.get("eval") or {}
-        return (f"held out: val/accuracy {ev.get('val/accuracy', float('nan')):.3f}, val/margin "
-                f"{ev.get('val/margin', float('nan')):.3f}; serve it: zerolm serve --model rm={cfg.output} "
-                "(POST /v1/rewards)")
 
 
 STAGE = RewardStage()

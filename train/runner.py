@@ -70,10 +70,15 @@ class Stage:
     def task(self, cfg: StageConfig, run_dir: Path, ctx):
         raise NotImplementedError
 
+    summary_keys: tuple[str, ...] = ()  # the held-out metrics the CLI prints first; () = every top-level one
+    next_step = ""  # what to do with the run, e.g. "zerolm serve --model chat={output}"
+
     def summary(self, cfg: StageConfig, result: dict) -> str:
         """What the CLI prints after a run (besides where the outputs are)."""
-        metrics = {k: round(v, 4) for k, v in (result.get("eval") or {}).items() if k.count("/") <= 1}
-        return f"final evaluation: {metrics}"
+        ev = result.get("eval") or {}
+        keys = self.summary_keys or [k for k in ev if k.count("/") <= 1]
+        line = "final evaluation: " + ", ".join(f"{k} {ev.get(k, float('nan')):.4f}" for k in keys)
+        return line + (f"; {self.next_step.format(output=cfg.output)}" if self.next_step else "")
 
 
 class FineTuneStage(Stage):
@@ -92,6 +97,26 @@ class FineTuneStage(Stage):
     def absolute(self, cfg):
         return cfg.model_copy(update={"init_from": absolute(cfg.init_from), "data": cfg.data.model_copy(
             update={"paths": [absolute(p) for p in cfg.data.paths]})})
+
+    @staticmethod
+    def start_point(cfg):
+        """The initial weights (checked) and their chat tokenizer; data.seq_len must fit
+        the model's context."""
+        from train.chat import ChatTokenizer
+        from train.weights import resolve_init
+
+        init = resolve_init(cfg.init_from)
+        if cfg.data.seq_len > init.config.max_seq_len:
+            raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
+                            f"({init.config.max_seq_len})")
+        return init, ChatTokenizer(init.model_dir)
+
+    @staticmethod
+    def total_steps(cfg, n_rows: int) -> int:
+        """max_steps, or `epochs` passes over n_rows rows, rounded up to whole steps."""
+        d = cfg.data
+        per_epoch = -(-n_rows // (d.micro_batch_size * d.grad_accum * cfg.scaling.num_workers))
+        return cfg.max_steps or cfg.epochs * per_epoch
 
 
 def absolute(path: str) -> str:
@@ -225,13 +250,13 @@ def write_prepared(run_dir: Path, tokenizer_src: Path, arrays: dict, *, stats: d
     the folder is ours. arrays: name -> object with save(path) and digest(); plus the
     tokenizer (copied: the workers and the export need it even if the source moves),
     stats.json and rejects.jsonl. Skipped when the same arrays are there (a resume)."""
-    from train.weights import copy_tokenizer
+    from dataproc.tokenizer import copy_tokenizer_files
 
     out = run_dir / "data"
     digest = {name: a.digest() for name, a in arrays.items()}
     if (out / "digest.json").is_file() and json.loads((out / "digest.json").read_text(encoding="utf-8")) == digest:
         return
-    copy_tokenizer(tokenizer_src, out / "tokenizer")
+    copy_tokenizer_files(tokenizer_src, out / "tokenizer")
     for name, a in arrays.items():
         a.save(out / f"{name}.npz")
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:

@@ -12,8 +12,6 @@ serving engine on the current weights) that end with <|im_end|> in time.
 
 from __future__ import annotations
 
-import hashlib
-import math
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -30,9 +28,8 @@ from train.model_config import ModelConfig
 from train.packing import Examples, RowSampler, pack_rows, row_batch
 from train.runner import FineTuneStage, Plan, write_prepared
 from train.sft_data import prepare_sft_data
-from train.weights import find_model_dir, load_transformer, resolve_init
+from train.weights import find_model_dir, load_transformer
 from zerolm.config import StrictModel
-from zerolm.errors import UserError
 
 DATA = "data"  # RUN_DIR/data: what the workers train on
 
@@ -74,34 +71,25 @@ class SFTConfig(StageConfig):
     epochs: int = Field(default=1, ge=1)  # passes over the training rows (max_steps overrides)
 
 
-def steps_for(cfg: SFTConfig, n_rows: int, world_size: int) -> int:
-    d = cfg.data
-    per_epoch = math.ceil(n_rows / (d.micro_batch_size * d.grad_accum * world_size))
-    return cfg.max_steps or cfg.epochs * per_epoch
-
-
 class SFTStage(FineTuneStage):
     name = "sft"
     help = "supervised fine-tuning on conversations (alpaca, ShareGPT, OpenAI messages, prompt/response)"
     config = SFTConfig
     data_help = "conversations: .json, .jsonl or .parquet files or globs (repeatable)"
+    summary_keys = ("val/loss", "val/end_rate")
+    next_step = "chat with it: zerolm serve --model chat={output}"
 
     def plan(self, cfg: SFTConfig, echo=print) -> Plan:
-        init = resolve_init(cfg.init_from)
-        if cfg.data.seq_len > init.config.max_seq_len:
-            raise UserError(f"data.seq_len={cfg.data.seq_len} is longer than the model's context "
-                            f"({init.config.max_seq_len})")
-        chat = ChatTokenizer(init.model_dir)
+        init, chat = self.start_point(cfg)
         data = prepare_sft_data(cfg.data, chat, echo)
         s = data.stats
         rows = pack_rows(data.train.lengths() - 1, cfg.data.seq_len, seed=cfg.data.seed, packing=cfg.data.packing)
         fill = (s["train_tokens"] - len(data.train)) / (len(rows) * cfg.data.seq_len)
-        total = steps_for(cfg, len(rows), cfg.scaling.num_workers)
+        total = self.total_steps(cfg, len(rows))
         echo(f"SFT data: {s['records_in']} records -> {s['train_examples']} train + {s['val_examples']} held out; "
              f"rejected {s['rejected_by_reason'] or 0}, dropped {s['dropped_by_reason'] or 0}, "
              f"{s['truncated_at_turn']} cut at a turn boundary")
-        lineage = {"init": init.lineage(), "data": data.files,
-                   "tokenizer_sha256": hashlib.sha256((init.model_dir / "tokenizer.json").read_bytes()).hexdigest()}
+        lineage = {"init": init.lineage(), "data": data.files}
 
         def write(run_dir: Path) -> None:
             write_prepared(run_dir, init.model_dir, {"train": data.train, "val": data.val},
@@ -116,11 +104,6 @@ class SFTStage(FineTuneStage):
 
     def task(self, cfg: SFTConfig, run_dir: Path, ctx: WorkerContext) -> "SFTTask":
         return SFTTask(cfg, run_dir, ctx)
-
-    def summary(self, cfg: SFTConfig, result: dict) -> str:
-        ev = result.get("eval") or {}
-        return (f"held out: val/loss {ev.get('val/loss', float('nan')):.4f}, val/end_rate "
-                f"{ev.get('val/end_rate', float('nan')):.3f}; chat with it: zerolm serve --model chat={cfg.output}")
 
 
 STAGE = SFTStage()

@@ -47,7 +47,7 @@ def prompt_text(msgs: list[dict]) -> str:
     return "\n".join(m["content"] for m in msgs if m["role"] == "user")
 
 
-def _val_split(prompts: list[str], fraction: float, lo: int, hi: int, seed: int) -> np.ndarray:
+def val_split(prompts: list[str], fraction: float, lo: int, hi: int, seed: int) -> np.ndarray:
     """Bool mask of held-out examples: those whose prompt hashes lowest (a function of
     the content, not of file order), min(hi, max(lo, fraction * n)) of them."""
     n = len(prompts)
@@ -84,7 +84,7 @@ def prepare_sft_data(d, chat: ChatTokenizer, echo=print) -> SFTData:
         dropped["near_duplicate_prompt"] = int((dup >= 0).sum())
         keep = np.flatnonzero(dup < 0)
         convs, wheres, prompts = [convs[i] for i in keep], [wheres[i] for i in keep], [prompts[i] for i in keep]
-    held_out = _val_split(prompts, d.val_fraction, d.val_min, d.val_max, d.seed)
+    held_out = val_split(prompts, d.val_fraction, d.val_min, d.val_max, d.seed)
     items: dict[str, list] = {"train": [], "val": []}
     truncated = 0
     for c0 in range(0, len(convs), ENCODE_CHUNK):

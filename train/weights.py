@@ -103,11 +103,19 @@ def load_transformer(model_dir: str | Path, cfg: ModelConfig | None = None, *, d
         state = from_hf_state_dict(state)
     except KeyError as exc:
         raise UserError(f"{model_dir}: unexpected tensor {exc.args[0]!r} in the weights") from None
+    return transformer_from_state(state, cfg, device=device, dtype=dtype, where=str(model_dir))
+
+
+def transformer_from_state(state: dict, cfg: ModelConfig, *, device: torch.device | str = "cpu",
+                           dtype: torch.dtype = torch.float32, where: str = "state dict") -> Transformer:
+    """A Transformer holding `state` (our parameter names; a DeepSpeed "module." prefix is
+    dropped), checked against cfg, on device in dtype, in eval mode, RoPE tables fp32."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = Transformer(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"output.weight"} if cfg.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
-        raise UserError(f"{model_dir}: weights do not match the model config "
+        raise UserError(f"{where}: weights do not match the model config "
                         f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
     model = model.to(device=device, dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep RoPE tables fp32
@@ -125,8 +133,9 @@ class InitSource:
     stage: str | None  # the stage that produced it, when it is a zerolm run
 
     def lineage(self) -> dict:
+        tokenizer = hashlib.sha256((self.model_dir / "tokenizer.json").read_bytes()).hexdigest()
         return {"path": self.path, "model_dir": str(self.model_dir), "weights_sha256": self.sha256,
-                "stage": self.stage}
+                "tokenizer_sha256": tokenizer, "stage": self.stage}
 
 
 def resolve_init(path: str) -> InitSource:
@@ -149,14 +158,3 @@ def resolve_init(path: str) -> InitSource:
     return InitSource(path=str(p), model_dir=model_dir, config=model_config_of(model_dir),
                       sha256=weights_sha256(model_dir), stage=stage)
 
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """The tokenizer files of a model folder into dst."""
-    import shutil
-
-    from dataproc.tokenizer import TOKENIZER_FILES
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
