@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from serve.decoder import Decoder
-from serve.kv import SlotCache, prefill, prepare_serving
+from serve.kv import SlotCache, prefill
 from serve.loading import LoadedModel
 from serve.sampling import SamplingParams, apply_repetition_penalty, sample
 
@@ -140,7 +140,6 @@ class Engine(TextCodec):
         if loaded.model is None:
             raise ValueError(f"model {loaded.name!r} was loaded without its weights")
         super().__init__(loaded, max_batch=max_batch)
-        prepare_serving(loaded.model)
         if cuda_graphs and loaded.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; model {loaded.name!r} is on {loaded.device}")
         self.cuda_graphs = loaded.device.type == "cuda" if cuda_graphs is None else cuda_graphs

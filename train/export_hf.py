@@ -2,7 +2,9 @@
 
 The output loads with `AutoModelForCausalLM.from_pretrained(dir)` and
 `AutoTokenizer.from_pretrained(dir)` (no trust_remote_code). Our model already uses
-HF's RoPE layout and GQA head order, so conversion is renaming only. The folder is
+HF's RoPE layout and GQA head order, so conversion is renaming, plus splitting our
+fused `wqkv` (q, k, v rows) and `w13` (gate, up rows) into HF's separate projections
+(and joining them on the way back). The folder is
 written to a temporary sibling and renamed into place, so a crash never leaves a
 half export that looks complete.
 
@@ -28,17 +30,22 @@ from train.model_config import ModelConfig
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _LAYER_MAP = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj",
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Our fused Linears -> the HF projections they stack, in row order.
+_FUSED = {
+    "attention.wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "feed_forward.w13": ("mlp.gate_proj", "mlp.up_proj"),
+}
 _TOP_MAP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
+
+
+def _fused_rows(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    kv = cfg.kv_heads * cfg.head_dim
+    return {"attention.wqkv": (cfg.n_heads * cfg.head_dim, kv, kv), "feed_forward.w13": (cfg.ffn_dim, cfg.ffn_dim)}
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,25 +61,36 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _hf_name(name: str) -> str:
+def _hf_tensors(name: str, tensor: torch.Tensor, rows: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """One of our tensors -> its HF name(s) and tensor(s) (a fused one splits by rows)."""
     module, _, kind = name.rpartition(".")  # kind: weight | bias
     if module.startswith("layers."):
         _, idx, rest = module.split(".", 2)
         if rest in _LAYER_MAP:
-            return f"model.layers.{idx}.{_LAYER_MAP[rest]}.{kind}"
+            return {f"model.layers.{idx}.{_LAYER_MAP[rest]}.{kind}": tensor}
+        if rest in _FUSED:
+            if tensor.shape[0] != sum(rows[rest]):
+                raise ValueError(f"{name} has {tensor.shape[0]} rows, the config gives {sum(rows[rest])}")
+            parts = torch.split(tensor, rows[rest], dim=0)
+            return {f"model.layers.{idx}.{hf}.{kind}": part for hf, part in zip(_FUSED[rest], parts)}
     elif module in _TOP_MAP:
-        return f"{_TOP_MAP[module]}.{kind}"
+        return {f"{_TOP_MAP[module]}.{kind}": tensor}
     raise ValueError(f"unexpected tensor in state dict: {name}")
 
 
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
                      dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Rename our tensors to HF Llama names, cast, make contiguous, and check that
-    exactly the expected set is there (lm_head is dropped when embeddings are tied)."""
+    """Rename our tensors to HF Llama names (splitting the fused ones), cast, make
+    contiguous, and check that exactly the expected set is there (lm_head is dropped
+    when embeddings are tied)."""
     sd = strip_wrapper_prefixes(state_dict)
     if cfg.tie_embeddings:
         sd.pop("output.weight", None)  # same storage as the embedding; safetensors refuses aliases
-    out = {_hf_name(k): v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in sd.items()}
+    rows = _fused_rows(cfg)
+    out = {}
+    for k, v in sd.items():
+        for name, t in _hf_tensors(k, v, rows).items():
+            out[name] = t.detach().to(device="cpu", dtype=dtype).contiguous()
     expected = set(expected_hf_names(cfg))
     missing, unexpected = expected - out.keys(), out.keys() - expected
     if missing or unexpected:
@@ -82,17 +100,28 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig,
 
 
 def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of `to_hf_state_dict` (load with `strict=False` when tied: no lm_head)."""
+    """Inverse of `to_hf_state_dict` (load with `strict=False` when tied: no lm_head).
+    A layer missing one of a fused group's projections raises KeyError naming it."""
     inv_layer = {v: k for k, v in _LAYER_MAP.items()}
+    inv_fused = {hf: ours for ours, group in _FUSED.items() for hf in group}
     inv_top = {v: k for k, v in _TOP_MAP.items()}
-    out = {}
+    out, groups = {}, {}
     for name, tensor in hf_state_dict.items():
         module, _, kind = name.rpartition(".")
         if module.startswith("model.layers."):
             _, _, idx, rest = module.split(".", 3)
-            out[f"layers.{idx}.{inv_layer[rest]}.{kind}"] = tensor
+            if rest in inv_fused:
+                groups.setdefault(f"layers.{idx}.{inv_fused[rest]}.{kind}", {})[rest] = tensor
+            else:
+                out[f"layers.{idx}.{inv_layer[rest]}.{kind}"] = tensor
         else:
             out[f"{inv_top[module]}.{kind}"] = tensor
+    for ours, parts in groups.items():
+        hf_names = _FUSED[ours.split(".", 2)[2].rpartition(".")[0]]
+        missing = [hf for hf in hf_names if hf not in parts]
+        if missing:
+            raise KeyError(f"{ours.rpartition('.')[0].replace('layers.', 'model.layers.', 1)}: no {missing[0]}")
+        out[ours] = torch.cat([parts[hf] for hf in hf_names], dim=0)
     return out
 
 
@@ -101,11 +130,12 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_embeddings:
         names.append("lm_head.weight")
+    norms = [hf for ours, hf in _LAYER_MAP.items() if ours.endswith("norm")]
+    projections = [hf for ours, hf in _LAYER_MAP.items() if not ours.endswith("norm")]
+    projections += [hf for group in _FUSED.values() for hf in group]
     for i in range(cfg.n_layers):
-        for ours, hf in _LAYER_MAP.items():
-            is_norm = ours.endswith("norm")
-            for kind in ("weight",) if is_norm else kinds:
-                names.append(f"model.layers.{i}.{hf}.{kind}")
+        names += [f"model.layers.{i}.{hf}.weight" for hf in norms]
+        names += [f"model.layers.{i}.{hf}.{kind}" for hf in projections for kind in kinds]
     return names
 
 

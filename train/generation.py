@@ -1,10 +1,10 @@
 """Generating with the weights being trained, through the serving engine.
 
 Evaluation during training (SFT's end rate; preference pairs and rollouts later)
-samples with the same engine `zerolm serve` runs (batched, KV-cached, seeded). The
-engine prepares its model for serving in place, so it gets its own copy of the
-current weights: the trained model is never touched, and each call sees the
-weights of that moment. Under ZeRO-3 every rank holds a shard, so the full weights
+samples with the same engine `zerolm serve` runs (batched, KV-cached, seeded), on
+the model's own forward. The engine holds its own copy of the current weights, in
+the serving dtype, so generating never touches the trained model (nor its autograd
+state), and each call sees the weights of that moment. Under ZeRO-3 every rank holds a shard, so the full weights
 are gathered first (a collective: every rank must call `current_weights`).
 """
 

@@ -93,7 +93,7 @@ def load_reward_model(model_dir: str | Path, *, device="cpu", dtype=torch.float3
         raise ValueError(f"{model_dir}: reward model weights do not match its config")
     rm.score.weight.data.copy_(score)
     rm = rm.to(device=device, dtype=dtype).eval()
-    rm.backbone.rope_cos, rm.backbone.rope_sin = rm.backbone.rope_cos.float(), rm.backbone.rope_sin.float()
+    rm.backbone.rope_tables_fp32()
     return rm
 
 

@@ -102,7 +102,7 @@ def load_transformer(model_dir: str | Path, cfg: ModelConfig | None = None, *, d
     try:
         state = from_hf_state_dict(state)
     except KeyError as exc:
-        raise UserError(f"{model_dir}: unexpected tensor {exc.args[0]!r} in the weights") from None
+        raise UserError(f"{model_dir}: the weights do not match a Llama model ({exc.args[0]})") from None
     return transformer_from_state(state, cfg, device=device, dtype=dtype, where=str(model_dir))
 
 
@@ -118,7 +118,7 @@ def transformer_from_state(state: dict, cfg: ModelConfig, *, device: torch.devic
         raise UserError(f"{where}: weights do not match the model config "
                         f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
     model = model.to(device=device, dtype=dtype).eval()
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep RoPE tables fp32
+    model.rope_tables_fp32()
     return model
 
 

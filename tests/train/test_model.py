@@ -111,9 +111,9 @@ def test_init_statistics():
     for layer in model.layers:
         for w in (layer.attention.wo.weight, layer.feed_forward.w2.weight):
             assert w.std().item() == pytest.approx(resid, rel=0.05)
-        for w in (layer.attention.wq.weight, layer.feed_forward.w1.weight):
+        for w in (layer.attention.wqkv.weight, layer.feed_forward.w13.weight):
             assert w.std().item() == pytest.approx(0.02, rel=0.05)
-        assert torch.all(layer.attention.wq.bias == 0) and torch.all(layer.feed_forward.w2.bias == 0)
+        assert torch.all(layer.attention.wqkv.bias == 0) and torch.all(layer.feed_forward.w2.bias == 0)
         assert torch.all(layer.attention_norm.weight == 1)
     assert model.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.output.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -136,6 +136,9 @@ def test_rope_is_a_rotation_of_halves():
     torch.testing.assert_close(pair_norm(y), pair_norm(x))
     torch.testing.assert_close(y[:, :, 0], x[:, :, 0])  # position 0 is unrotated
     assert cos.shape == (5, 8)
+    # bit-identical to HF's rotate_half form with the plain sin table
+    sin = torch.cat((-model.rope_sin[:5, :4], model.rope_sin[:5, 4:]), dim=-1)
+    assert torch.equal(y, x * cos + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin)
 
 
 def test_causality():
