@@ -44,3 +44,26 @@ def engine_for(state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device
     loaded = LoadedModel(name="training", path=tokenizer_dir, config=mcfg, model=model, tokenizer=tok,
                          meta=tokenizer_meta(tokenizer_dir, tok), device=device, dtype=dtype)
     return Engine(loaded, max_batch=max_batch, cuda_graphs=False)
+
+
+class PolicySampler:
+    """A serving Engine that follows the trained policy: `refresh` copies the current
+    weights into its own model (in place: the engine, its tokenizer side and its
+    buffers are made once), then `generate` samples with them. Rollouts run here, in
+    the training process, between optimizer steps (see train/rl.py for why)."""
+
+    def __init__(self, state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device: torch.device,
+                 *, max_batch: int = 64):
+        self.engine = engine_for(state, mcfg, tokenizer_dir, device, max_batch=max_batch)
+
+    @torch.no_grad()
+    def refresh(self, state: dict) -> None:
+        model = self.engine.m.model
+        missing, unexpected = model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()},
+                                                    strict=False)
+        if unexpected or set(missing) - {"output.weight"}:
+            raise RuntimeError(f"policy weights do not fit the sampler (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+
+    def generate(self, requests):
+        return self.engine.generate(requests)

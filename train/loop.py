@@ -41,6 +41,10 @@ class Task(Protocol):
 
     def micro_batch(self, step: int, micro: int) -> dict: ...
 
+    # Optional: called with the engine before a step's micro-batches are taken, for
+    # tasks whose data comes from the current weights (RL rollouts).
+    # def begin_step(self, engine, step: int) -> None: ...
+
     def loss(self, engine, batch: dict) -> tuple[torch.Tensor, float, dict]: ...
 
     def evaluate(self, engine) -> dict: ...
@@ -145,6 +149,8 @@ def train_step(engine, task: Task, step: int, grad_accum: int, ctx: WorkerContex
     summed_loss * world_size * grad_accum / global_count: DeepSpeed divides by
     grad_accum and averages gradients over ranks, so the step's gradient is that of
     (sum of every rank's summed losses) / (their total count)."""
+    if hasattr(task, "begin_step"):
+        task.begin_step(engine, step)
     batches = [task.micro_batch(step, micro) for micro in range(grad_accum)]
     global_count, = all_reduce_sum([float(sum(b["count"] for b in batches))], ctx.device)
     scale = ctx.world_size * grad_accum / max(global_count, 1.0)

@@ -180,3 +180,84 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         d_avg = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
         loss = (d_avg - 1 / (2 * beta)) ** 2
     return loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+# ----------------------------------------------------------------- online RL (GRPO, PPO)
+# Per-token tensors are (N, L): N sampled responses, L response positions, `mask` 1 on
+# the response's own tokens (its <|im_end|> included), 0 on padding.
+
+RL_BASELINES = ("grpo", "rloo", "reinforce++")
+
+
+def group_advantages(rewards: torch.Tensor, group: int, kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """rewards (N,), N = prompts x group with each prompt's samples adjacent -> (N,).
+    grpo: (r - group mean) / (group std + eps); rloo: r - mean of the group's other
+    samples (leave-one-out); reinforce++: r - group mean, whitened over the whole
+    batch (REINFORCE++'s global normalisation)."""
+    if kind not in RL_BASELINES:
+        raise ValueError(f"unknown baseline {kind!r}; choose from {', '.join(RL_BASELINES)}")
+    r = rewards.float().view(-1, group)  # (P, G)
+    mean = r.mean(dim=1, keepdim=True)
+    if kind == "grpo":
+        std = r.std(dim=1, keepdim=True, unbiased=True) if group > 1 else torch.zeros_like(mean)
+        return ((r - mean) / (std + eps)).view(-1)
+    if kind == "rloo":
+        if group < 2:
+            raise ValueError("the rloo baseline needs at least 2 samples per prompt")
+        return (group / (group - 1) * (r - mean)).view(-1)  # r - (sum - r) / (G - 1)
+    centred = (r - mean).view(-1)
+    return (centred - centred.mean()) / (centred.std() + eps) if centred.numel() > 1 else centred
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
+    k1: logp - ref (unbiased, can be negative); k3: exp(ref - logp) - (ref - logp) - 1
+    (unbiased, always >= 0, lower variance; GRPO's choice)."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k3":
+        d = (ref_logp - logp).clamp(-20, 20)  # exp of a large gap would overflow
+        return torch.exp(d) - d - 1
+    raise ValueError(f"unknown KL estimator {kind!r}; choose k1 or k3")
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token: -min(ρA, clip(ρ, 1-ε, 1+ε)A), ρ = exp(logp -
+    old). advantages (N, L) or (N, 1). Returns (loss (N, L), clipped (N, L) bool)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped, clipped = ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages
+    return -torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each response. rewards, values, mask (N, L)
+    (values of positions past the end are ignored: the episode ends at the last masked
+    token). Returns (advantages, returns) (N, L), 0 outside the mask."""
+    N, L = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(N, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(last)
+    for t in reversed(range(L)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = torch.where(m > 0, delta + gamma * lam * last, torch.zeros_like(last))
+        next_value = torch.where(m > 0, values[:, t], torch.zeros_like(last))
+        adv[:, t] = last
+    return adv * mask, (adv + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x standardised over its masked entries (advantage whitening), 0 outside."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """PPO's value loss per token: 0.5 max((V - R)^2, (V_old + clip(V - V_old, ±ε) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)

@@ -16,6 +16,8 @@ STAGES = {
     "sft": "train.sft:STAGE",
     "reward": "train.reward:STAGE",
     "dpo": "train.dpo:STAGE",
+    "grpo": "train.grpo:STAGE",
+    "ppo": "train.ppo:STAGE",
 }
 
 

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""GRPO step throughput on CPU: zerolm's GRPO step (rollout through the serving engine
+on a copy of the current weights: batched, KV-cached; then the update in a DeepSpeed
+engine, the loop's `train_step`) against trl's `GRPOTrainer` (HF `generate`, no vLLM),
+on the same model shape and initial weights, the same prompts, the same group size G,
+the same completion length, a frozen reference with the same KL coefficient, the same
+rule reward, in one process with the same torch threads, one after the other.
+
+From random initial weights neither model emits its end token, so every completion
+runs to the full length: both sides generate exactly prompts x G x max_new tokens per
+step. Reported: steps/s, generated tokens/s, and ours / trl.
+
+    python3 bench/rl_step.py --threads 2 --steps 4 --prompts 4 --group 4 --new 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import DEFAULT_DATA, emit, machine, print_table
+from sft_step import hf_model, tokenizer_dir
+
+import torch  # noqa: E402
+
+
+def prompts(n: int) -> list[dict]:
+    from train.rewards import arithmetic_problems
+
+    return arithmetic_problems(n, seed=0)
+
+
+def bench_ours(args, probs, tok_dir, mcfg, init_state) -> dict:
+    from sft_step import time_train_steps
+    from train.chat import ChatTokenizer
+    from train.distributed import setup
+    from train.export_hf import from_hf_state_dict
+    from train.grpo import GRPOConfig, GRPOTask
+    from train.loop import build_engine, prepare_frozen
+    from train.model import Transformer
+    from train.rl import Prompts
+
+    chat = ChatTokenizer(tok_dir)
+    items = [{"messages": [{"role": "user", "content": p["prompt"]}], "record": {"answer": p["answer"]},
+              "ids": chat.prompt_ids([{"role": "user", "content": p["prompt"]}])} for p in probs]
+    ctx = setup(False)
+    n = args.prompts * args.group
+    cfg = GRPOConfig.model_validate({
+        "output": "/tmp/unused", "init_from": "/tmp/unused", "reward": "format", "reward_max_tokens": args.new,
+        "data": {"seq_len": 128 + args.new, "micro_batch_size": n},
+        "rollout": {"prompts": args.prompts, "samples": args.group, "max_new_tokens": args.new},
+        "policy": {"kl_coef": 0.04}, "deepspeed": {"zero_stage": 0, "precision": "fp32"}, "optim": {"lr": 1e-6}})
+    reference = Transformer(mcfg)
+    reference.load_state_dict(from_hf_state_dict(init_state), strict=False)
+    task = GRPOTask.in_memory(cfg, ctx, mcfg, tok_dir, Prompts(items), Prompts(items[:1]), reference)
+    model = Transformer(mcfg)
+    model.load_state_dict(from_hf_state_dict(init_state), strict=False)
+    prepare_frozen(task, model)
+    engine, _, _ = build_engine(cfg, model, ctx, total_steps=10**6)
+    wall, stats = time_train_steps(engine, task, ctx, args.warmup, args.steps)
+    generated = args.steps * n * args.new  # every completion runs to max_new (checked below)
+    assert stats.count == generated, (stats.count, generated)  # answer tokens: generated ones
+    return {"what": "zerolm", "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
+            "gen_tokens_per_s": round(generated / wall)}
+
+
+def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": p["prompt"]}]} for p in probs])
+    model = hf_model(mcfg)
+    model.load_state_dict(init_state)
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    lengths = []
+
+    def format_reward(completions, **kw):  # the same rule as ours: ends its turn within the limit
+        lengths.extend(len(c[0]["content"]) for c in completions)
+        return [0.0 for _ in completions]
+
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == args.warmup:
+                marks["t0"] = time.time()
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == args.warmup + args.steps:
+                marks["t1"] = time.time()
+
+    n = args.prompts * args.group
+    cfg = GRPOConfig(output_dir=str(workdir / "trl-grpo"), per_device_train_batch_size=n, num_generations=args.group,
+                     max_completion_length=args.new, max_steps=args.warmup + args.steps, learning_rate=1e-6,
+                     beta=0.04, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
+                     dataloader_num_workers=0, seed=0, optim="adamw_torch", temperature=1.0, loss_type="dapo")
+    trainer = GRPOTrainer(model=model, reward_funcs=format_reward, args=cfg, train_dataset=ds, processing_class=tok,
+                          callbacks=[Clock()])
+    trainer.train()
+    wall = marks["t1"] - marks["t0"]
+    return {"what": "trl", "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
+            "gen_tokens_per_s": round(args.steps * n * args.new / wall)}
+
+
+def main() -> None:
+    from pathlib import Path
+
+    import trl
+    from tokenizers import Tokenizer
+
+    from train.model_config import ModelConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/zerolm-bench-sft"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--group", type=int, default=4, help="completions per prompt (G)")
+    p.add_argument("--new", type=int, default=64, help="completion tokens")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--order", default="ours,trl")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok_dir = tokenizer_dir(args.data, args.workdir)
+    vocab = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).get_vocab_size()
+    mcfg = ModelConfig(vocab_size=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2,
+                       max_seq_len=128 + args.new, multiple_of=64)
+    init = hf_model(mcfg).state_dict()
+    probs = prompts(64)
+    rows = []
+    for which in args.order.split(","):
+        row = bench_ours(args, probs, tok_dir, mcfg, init) if which == "ours" else bench_trl(args, probs, tok_dir, mcfg,
+                                                                                            init, args.workdir)
+        row.update({"threads": args.threads, "prompts": args.prompts, "group": args.group, "new_tokens": args.new,
+                    "params_M": round(mcfg.num_params() / 1e6, 2), "trl": trl.__version__, **machine()})
+        emit(row)
+        rows.append(row)
+    base = next(r for r in rows if r["what"] == "trl")
+    for r in rows:
+        r["vs_trl"] = round(r["steps_per_s"] / base["steps_per_s"], 2)
+    print_table(rows, ["what", "wall_s", "steps_per_s", "gen_tokens_per_s", "vs_trl"])
+
+
+if __name__ == "__main__":
+    main()
