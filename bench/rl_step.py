@@ -75,6 +75,10 @@ def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir) -> dict:
     model = hf_model(mcfg)
     model.load_state_dict(init_state)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    # with beta > 0 trl loads its reference from the model's folder: give it one
+    init_dir = workdir / "trl-grpo-init"
+    model.save_pretrained(init_dir)
+    tok.save_pretrained(init_dir)
     lengths = []
 
     def format_reward(completions, **kw):  # the same rule as ours: ends its turn within the limit
@@ -97,7 +101,7 @@ def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir) -> dict:
                      max_completion_length=args.new, max_steps=args.warmup + args.steps, learning_rate=1e-6,
                      beta=0.04, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
                      dataloader_num_workers=0, seed=0, optim="adamw_torch", temperature=1.0, loss_type="dapo")
-    trainer = GRPOTrainer(model=model, reward_funcs=format_reward, args=cfg, train_dataset=ds, processing_class=tok,
+    trainer = GRPOTrainer(model=str(init_dir), reward_funcs=format_reward, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
     wall = marks["t1"] - marks["t0"]
