@@ -39,9 +39,9 @@ from train.conversations import BadRecord, check_conversation, parse_files, to_m
 from train.distributed import WorkerContext, all_reduce_sum
 from train.losses import IGNORE_INDEX
 from train.model_config import ModelConfig
-from train.runner import FineTuneStage, Plan, write_prepared
-from train.rewards import Sample, check_reward_spec, reward_source
-from train.weights import find_model_dir, load_transformer
+from train.runner import FineTuneStage, Plan, absolute, write_prepared
+from train.rewards import RULES, Sample, check_reward_spec, reward_source
+from train.weights import find_model_dir, load_transformer, weights_sha256
 from zerolm.config import StrictModel
 from zerolm.errors import UserError
 
@@ -181,9 +181,8 @@ class RLStage(FineTuneStage):
                 "data": {"paths": args.prompts} if args.prompts else None}
 
     def absolute(self, cfg):
-        from train.runner import absolute
         cfg = super().absolute(cfg)
-        parts = [p if p in ("arithmetic", "format") else absolute(p) for p in (cfg.reward or "").split("+") if p]
+        parts = [p if p in RULES else absolute(p) for p in (cfg.reward or "").split("+") if p]
         return cfg.model_copy(update={"reward": "+".join(parts)})
 
     def plan(self, cfg: RLConfig, echo=print) -> Plan:
@@ -195,8 +194,7 @@ class RLStage(FineTuneStage):
         train, val, stats, rejects, files = prepare_prompts(cfg, chat, echo)
         spr = cfg.steps_per_rollout(cfg.scaling.num_workers)
         total = cfg.max_steps or cfg.rollouts * spr
-        from train.weights import weights_sha256
-        rewards = [p if p in ("arithmetic", "format") else {"path": p, "weights_sha256": weights_sha256(
+        rewards = [p if p in RULES else {"path": p, "weights_sha256": weights_sha256(
             find_model_dir(Path(p)))} for p in parts]
         lineage = {"init": init.lineage(), "prompts": [str(f) for f in files], "reward": rewards}
 
