@@ -188,3 +188,21 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def side_by_side(order: str, run, extra: dict, ratios: dict[str, str], columns: list[str]) -> list[dict]:
+    """Run each of `order` ("ours,trl") in turn with run(which) -> row, add `extra` and
+    the machine, emit each row, then the ratios {name: key} against the trl row, and
+    the table."""
+    rows = []
+    for which in order.split(","):
+        row = run(which)
+        row.update({**extra, **machine()})
+        emit(row)
+        rows.append(row)
+    base = next(r for r in rows if r["what"] == "trl")
+    for r in rows:
+        for name, key in ratios.items():
+            r[name] = round(r[key] / base[key], 2)
+    print_table(rows, columns)
+    return rows

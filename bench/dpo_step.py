@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import numpy as np
-from common import DEFAULT_DATA, emit, machine, print_table
-from sft_step import hf_model, time_train_steps, tokenizer_dir
+from common import DEFAULT_DATA, side_by_side
+from sft_step import hf_model, time_train_steps, tokenizer_dir, trl_window
 
 import torch  # noqa: E402
 
@@ -66,7 +65,7 @@ def bench_ours(args, pairs, tok_dir, mcfg, init_state) -> dict:
 
 def bench_trl(args, pairs, tok_dir, mcfg, init_state, workdir) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -83,26 +82,17 @@ def bench_trl(args, pairs, tok_dir, mcfg, init_state, workdir) -> dict:
                 else kwargs["input_ids"].numel()
 
     model.register_forward_pre_hook(count, with_kwargs=True)
-    marks = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == args.warmup:
-                marks.update(t0=time.time(), tokens=seen["tokens"])
-
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == args.warmup + args.steps:
-                marks.update(t1=time.time(), tokens1=seen["tokens"])
+    window = trl_window(args.warmup, args.steps, seen)
 
     cfg = DPOConfig(output_dir=str(workdir / "trl-dpo"), max_length=2 * args.seq, per_device_train_batch_size=args.pairs,
                     max_steps=args.warmup + args.steps, learning_rate=1e-5, logging_steps=10**6, save_strategy="no",
                     report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, beta=0.1, optim="adamw_torch")
     trainer = DPOTrainer(model=model, ref_model=ref, args=cfg, train_dataset=ds, processing_class=tok,
-                         callbacks=[Clock()])
+                         callbacks=[window])
     trainer.train()
-    wall = marks["t1"] - marks["t0"]
+    wall = window.wall
     return {"what": "trl", "wall_s": round(wall, 2), "pairs": args.steps * args.pairs,
-            "pairs_per_s": round(args.steps * args.pairs / wall, 2), "tokens_per_s": round((marks["tokens1"] - marks["tokens"]) / wall)}
+            "pairs_per_s": round(args.steps * args.pairs / wall, 2), "tokens_per_s": round(window.delta("tokens") / wall)}
 
 
 def main() -> None:
@@ -136,19 +126,11 @@ def main() -> None:
     mcfg = ModelConfig(vocab_size=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2,
                        max_seq_len=2 * args.seq, multiple_of=64)
     init = hf_model(mcfg).state_dict()
-    rows = []
-    for which in args.order.split(","):
-        row = bench_ours(args, pairs, tok_dir, mcfg, init) if which == "ours" else bench_trl(args, pairs, tok_dir, mcfg,
-                                                                                            init, args.workdir)
-        row.update({"threads": args.threads, "seq": args.seq, "params_M": round(mcfg.num_params() / 1e6, 2),
-                    "trl": trl.__version__, "torch": torch.__version__, **machine()})
-        emit(row)
-        rows.append(row)
-    base = next(r for r in rows if r["what"] == "trl")
-    for r in rows:
-        r["pairs_vs_trl"] = round(r["pairs_per_s"] / base["pairs_per_s"], 2)
-    print_table(rows, ["what", "wall_s", "pairs", "pairs_per_s", "tokens_per_s", "pairs_vs_trl"])
-
+    side_by_side(args.order, lambda which: bench_ours(args, pairs, tok_dir, mcfg, init) if which == "ours"
+                 else bench_trl(args, pairs, tok_dir, mcfg, init, args.workdir),
+                 {"threads": args.threads, "seq": args.seq, "params_M": round(mcfg.num_params() / 1e6, 2),
+                  "trl": trl.__version__, "torch": torch.__version__},
+                 {"pairs_vs_trl": "pairs_per_s"}, ["what", "wall_s", "pairs", "pairs_per_s", "tokens_per_s", "pairs_vs_trl"])
 
 if __name__ == "__main__":
     main()

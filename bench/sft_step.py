@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from common import DEFAULT_DATA, REPO, emit, machine, print_table  # noqa: F401  (REPO: sys.path)
+from common import DEFAULT_DATA, REPO, side_by_side  # noqa: F401  (REPO: sys.path)
 
 import torch  # noqa: E402
 
@@ -77,6 +77,34 @@ def time_train_steps(engine, task, ctx, warmup: int, steps: int):
     return time.time() - t0, total
 
 
+def trl_window(warmup: int, steps: int, seen: dict | None = None):
+    """A trl TrainerCallback timing its steps [warmup, warmup + steps): `.wall` seconds
+    and `.delta(key)`, how much each counter of `seen` grew over them."""
+    from transformers import TrainerCallback
+
+    seen = {} if seen is None else seen
+
+    class Window(TrainerCallback):
+        start = end = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == warmup:
+                self.start = (time.time(), dict(seen))
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step == warmup + steps:
+                self.end = (time.time(), dict(seen))
+
+        @property
+        def wall(self) -> float:
+            return self.end[0] - self.start[0]
+
+        def delta(self, key: str) -> float:
+            return self.end[1][key] - self.start[1][key]
+
+    return Window()
+
+
 def bench_ours(args, convs, tok_dir, mcfg, init_state) -> dict:
     from train.chat import ChatTokenizer, truncate_at_turn
     from train.config import StageConfig
@@ -117,7 +145,7 @@ def bench_ours(args, convs, tok_dir, mcfg, init_state) -> dict:
 
 def bench_trl(args, convs, tok_dir, mcfg, workdir) -> dict:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -131,25 +159,14 @@ def bench_trl(args, convs, tok_dir, mcfg, workdir) -> dict:
             seen["loss"] += int((kwargs["labels"] != -100).sum())
 
     model.register_forward_pre_hook(count, with_kwargs=True)
-    marks = {}
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == args.warmup:
-                marks.update(t0=time.time(), real=seen["real"], loss=seen["loss"])
-
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step == args.warmup + args.steps:
-                marks.update(t1=time.time(), real1=seen["real"], loss1=seen["loss"])
-
+    window = trl_window(args.warmup, args.steps, seen)
     cfg = SFTConfig(output_dir=str(workdir / "trl"), max_length=args.seq, packing=True, per_device_train_batch_size=args.batch,
                     max_steps=args.warmup + args.steps, learning_rate=1e-4, logging_steps=10**6, save_strategy="no",
                     report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0, optim="adamw_torch")
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Clock()])
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[window])
     rows = len(trainer.train_dataset)
     trainer.train()
-    wall = marks["t1"] - marks["t0"]
-    real, loss_tokens = marks["real1"] - marks["real"], marks["loss1"] - marks["loss"]
+    wall, real, loss_tokens = window.wall, window.delta("real"), window.delta("loss")
     return {"what": "trl", "steps": args.steps, "wall_s": round(wall, 2), "tokens_per_s": round(real / wall),
             "loss_tokens_per_s": round(loss_tokens / wall),
             "padding": round(1 - real / (args.steps * args.batch * args.seq), 4), "rows": rows}
@@ -186,21 +203,13 @@ def main() -> None:
     mcfg = ModelConfig(vocab_size=vocab, dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2,
                        max_seq_len=args.seq, multiple_of=64)
     init = hf_model(mcfg).state_dict()
-    rows = []
-    for which in args.order.split(","):
-        row = bench_ours(args, convs, tok_dir, mcfg, init) if which == "ours" else bench_trl(args, convs, tok_dir, mcfg,
-                                                                                             args.workdir)
-        row.update({"threads": args.threads, "seq": args.seq, "batch": args.batch, "params_M": round(mcfg.num_params() / 1e6, 2),
-                    "trl": trl.__version__, "torch": torch.__version__, **machine()})
-        emit(row)
-        rows.append(row)
-    base = next(r for r in rows if r["what"] == "trl")
-    for r in rows:
-        r["loss_tok_vs_trl"] = round(r["loss_tokens_per_s"] / base["loss_tokens_per_s"], 2)
-        r["tok_vs_trl"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-    print_table(rows, ["what", "wall_s", "tokens_per_s", "loss_tokens_per_s", "padding", "rows", "tok_vs_trl",
-                       "loss_tok_vs_trl"])
-
+    side_by_side(args.order, lambda which: bench_ours(args, convs, tok_dir, mcfg, init) if which == "ours"
+                 else bench_trl(args, convs, tok_dir, mcfg, args.workdir),
+                 {"threads": args.threads, "seq": args.seq, "batch": args.batch,
+                  "params_M": round(mcfg.num_params() / 1e6, 2), "trl": trl.__version__, "torch": torch.__version__},
+                 {"tok_vs_trl": "tokens_per_s", "loss_tok_vs_trl": "loss_tokens_per_s"},
+                 ["what", "wall_s", "tokens_per_s", "loss_tokens_per_s", "padding", "rows", "tok_vs_trl",
+                  "loss_tok_vs_trl"])
 
 if __name__ == "__main__":
     main()

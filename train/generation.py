@@ -4,8 +4,9 @@ Evaluation during training (SFT's end rate; preference pairs and rollouts later)
 samples with the same engine `zerolm serve` runs (batched, KV-cached, seeded), on
 the model's own forward. The engine holds its own copy of the current weights, in
 the serving dtype, so generating never touches the trained model (nor its autograd
-state), and each call sees the weights of that moment. Under ZeRO-3 every rank holds a shard, so the full weights
-are gathered first (a collective: every rank must call `current_weights`).
+state), and each call sees the weights of that moment. Under ZeRO-3 every rank holds
+a shard, so the full weights are gathered first (a collective: every rank must call
+`current_weights`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from tokenizers import Tokenizer
 
 from train.model_config import ModelConfig
-from train.weights import transformer_from_state
+from train.weights import load_state_into, transformer_from_state
 
 
 def current_weights(engine) -> dict[str, torch.Tensor]:
@@ -52,18 +53,12 @@ class PolicySampler:
     buffers are made once), then `generate` samples with them. Rollouts run here, in
     the training process, between optimizer steps (see train/rl.py for why)."""
 
-    def __init__(self, state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device: torch.device,
-                 *, max_batch: int = 64):
-        self.engine = engine_for(state, mcfg, tokenizer_dir, device, max_batch=max_batch)
+    def __init__(self, state: dict, mcfg: ModelConfig, tokenizer_dir: str | Path, device: torch.device):
+        self.engine = engine_for(state, mcfg, tokenizer_dir, device)
 
     @torch.no_grad()
     def refresh(self, state: dict) -> None:
-        model = self.engine.m.model
-        missing, unexpected = model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()},
-                                                    strict=False)
-        if unexpected or set(missing) - {"output.weight"}:
-            raise RuntimeError(f"policy weights do not fit the sampler (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
+        load_state_into(self.engine.m.model, state, "the policy's weights")
 
     def generate(self, requests):
         return self.engine.generate(requests)

@@ -13,14 +13,11 @@ length, rollout tokens/s; per evaluation the held-out greedy reward and end rate
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from train.distributed import WorkerContext
-from train.export_hf import export_hf
 from train.losses import RL_BASELINES, clipped_policy_loss, group_advantages, kl_penalty
 from train.rl import RLConfig, RLStage, RLTask
 from train.weights import find_model_dir, load_transformer
@@ -38,15 +35,11 @@ class GRPOConfig(RLConfig):
 class GRPOTask(RLTask):
     name = "grpo"
 
-    def setup(self, cfg: GRPOConfig, *args) -> None:
-        super().setup(cfg, *args)
-        self.needs_old_logp = self.spr > 1  # with one update per rollout the ratio is exactly 1
-
     def build_model(self) -> torch.nn.Module:
         return load_transformer(find_model_dir(self.cfg.init_from), self.mcfg, device=self.ctx.device).train()
 
     def extra_rollout_tensors(self, engine, data: dict) -> None:
-        if self.needs_old_logp:
+        if self.spr > 1:  # with one update per rollout the old policy is the current one: ratio 1
             data["old_logp"] = self._logp_chunks(engine, data)
 
     def advantages(self, data: dict) -> None:
@@ -59,27 +52,15 @@ class GRPOTask(RLTask):
         old = b["old_logp"] if "old_logp" in b else logp.detach()
         pg, clipped = clipped_policy_loss(logp, old, b["advantages"], p.clip)
         kl = kl_penalty(logp, b["ref_logp"], p.kl_estimator)
-        mask = b["mask"]
-        summed = ((pg + p.kl_coef * kl) * mask).sum()
-        n = b["count"]
-        with torch.no_grad():
-            metrics = {"kl": ((kl * mask).sum().item(), n), "clip_fraction": ((clipped * mask).sum().item(), n),
-                       "entropy": self.entropy_estimate(logp, mask), **b.get("rollout_metrics", {})}
-        return summed, n, metrics
-
-    def export(self, state_dict: dict, out_dir: Path) -> None:
-        export_hf(state_dict, self.mcfg, out_dir, tokenizer_dir=self.tokenizer_dir, chat=True)
+        summed = ((pg + p.kl_coef * kl) * b["mask"]).sum()
+        return summed, b["count"], self.token_metrics(b, logp, kl=kl, clip_fraction=clipped)
 
 
 class GRPOStage(RLStage):
     name = "grpo"
     help = "GRPO / RLOO / REINFORCE++ online RL with rule rewards or a reward model (no critic)"
     config = GRPOConfig
-    summary_keys = ("val/reward", "val/end_rate")
-    next_step = "chat with it: zerolm serve --model chat={output}"
-
-    def task(self, cfg: GRPOConfig, run_dir: Path, ctx: WorkerContext) -> GRPOTask:
-        return GRPOTask(cfg, run_dir, ctx)
+    task_class = GRPOTask
 
 
 STAGE = GRPOStage()

@@ -20,10 +20,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from train.distributed import WorkerContext
-from train.export_hf import export_hf
 from train.losses import clipped_policy_loss, clipped_value_loss, gae, kl_penalty, masked_whiten
-from train.reward_model import RewardModel, is_reward_model, load_reward_model
+from train.reward_model import RewardModel, load_reward_model
+from train.rewards import RULES
 from train.rl import PolicySection, RLConfig, RLStage, RLTask
 from train.weights import find_model_dir, load_transformer
 from zerolm.config import StrictModel
@@ -59,19 +58,17 @@ class ActorCritic(nn.Module):
 
 class PPOTask(RLTask):
     name = "ppo"
-    needs_old_logp = True
 
     def build_model(self) -> torch.nn.Module:
         policy = load_transformer(find_model_dir(self.cfg.init_from), self.mcfg)
         parts = self.cfg.reward.split("+")
-        if len(parts) == 1 and is_reward_model(find_model_dir(Path(parts[0])) if Path(parts[0]).exists() else ""):
+        if len(parts) == 1 and parts[0] not in RULES:  # the reward is one reward model (checked in plan)
             critic = load_reward_model(find_model_dir(Path(parts[0])))  # values start from the reward's view
         else:
             critic = RewardModel.from_policy(policy)
         return ActorCritic(policy, critic).to(self.ctx.device).train()
 
-    def policy_state(self, engine) -> dict:
-        state = super().policy_state(engine)
+    def actor_weights(self, state: dict) -> dict:
         return {k.removeprefix("module.").removeprefix("policy."): v for k, v in state.items()
                 if k.removeprefix("module.").startswith("policy.")}
 
@@ -101,29 +98,16 @@ class PPOTask(RLTask):
         pg, clipped = clipped_policy_loss(logp, b["old_logp"], b["advantages"], p.clip)
         vf = clipped_value_loss(values, b["old_values"], b["returns"], q.value_clip)
         summed = ((pg + q.vf_coef * vf) * mask).sum()
-        n = b["count"]
         with torch.no_grad():
             kl = kl_penalty(logp, b["ref_logp"], p.kl_estimator)
-            metrics = {"kl": ((kl * mask).sum().item(), n), "value_loss": ((vf * mask).sum().item(), n),
-                       "clip_fraction": ((clipped * mask).sum().item(), n),
-                       "entropy": self.entropy_estimate(logp, mask), **b.get("rollout_metrics", {})}
-        return summed, n, metrics
-
-    def export(self, state_dict: dict, out_dir: Path) -> None:
-        policy = {k.removeprefix("module.").removeprefix("policy."): v for k, v in state_dict.items()
-                  if k.removeprefix("module.").startswith("policy.")}
-        export_hf(policy, self.mcfg, out_dir, tokenizer_dir=self.tokenizer_dir, chat=True)
+        return summed, b["count"], self.token_metrics(b, logp, kl=kl, value_loss=vf.detach(), clip_fraction=clipped)
 
 
 class PPOStage(RLStage):
     name = "ppo"
     help = "PPO with a critic, a frozen reference and a reward model (or rule rewards)"
     config = PPOConfig
-    summary_keys = ("val/reward", "val/end_rate")
-    next_step = "chat with it: zerolm serve --model chat={output}"
-
-    def task(self, cfg: PPOConfig, run_dir: Path, ctx: WorkerContext) -> PPOTask:
-        return PPOTask(cfg, run_dir, ctx)
+    task_class = PPOTask
 
 
 STAGE = PPOStage()

@@ -103,9 +103,16 @@ def check_reward_spec(spec: str) -> list[str]:
     parts = [p.strip() for p in (spec or "").split("+") if p.strip()]
     if not parts:
         raise UserError(f"no reward: give --reward RULE_OR_RM_RUN (rules: {', '.join(RULES)})")
+    from train.reward_model import is_reward_model
+    from train.weights import find_model_dir
+
     for p in parts:
-        if p not in RULES and not Path(p).exists():
+        if p in RULES:
+            continue
+        if not Path(p).exists():
             raise UserError(f"reward {p!r} is neither a rule ({', '.join(RULES)}) nor an existing reward-model folder")
+        if not is_reward_model(find_model_dir(Path(p))):
+            raise UserError(f"reward {p!r} is not a reward model (train one with `zerolm train reward`)")
     return parts
 
 

@@ -37,6 +37,7 @@ from train.chat import ChatTokenizer
 from train.config import BaseDataSection, EvalSection, OptimSection, StageConfig
 from train.conversations import BadRecord, check_conversation, parse_files, to_messages
 from train.distributed import WorkerContext, all_reduce_sum
+from train.export_hf import export_hf
 from train.losses import IGNORE_INDEX
 from train.model_config import ModelConfig
 from train.runner import FineTuneStage, Plan, absolute, write_prepared
@@ -89,7 +90,7 @@ class RLConfig(StageConfig):
     rollouts: int = Field(default=20, ge=1)  # rollout rounds (max_steps overrides)
     log_every: int = Field(default=1, ge=1)
 
-    def steps_per_rollout(self, world_size: int = 1) -> int:
+    def steps_per_rollout(self) -> int:
         answers = self.rollout.prompts * self.rollout.samples
         per_step = self.data.micro_batch_size * self.data.grad_accum
         if answers % per_step:
@@ -170,11 +171,18 @@ def prepare_prompts(cfg: RLConfig, chat: ChatTokenizer, echo=print):
 class RLStage(FineTuneStage):
     """grpo and ppo: --init, --prompts, --reward."""
 
+    task_class: type  # the stage's RLTask
+    summary_keys = ("val/reward", "val/end_rate")
+    next_step = "chat with it: zerolm serve --model chat={output}"
+
+    def task(self, cfg: RLConfig, run_dir: Path, ctx: WorkerContext) -> "RLTask":
+        return self.task_class(cfg, run_dir, ctx)
+
     def add_arguments(self, parser) -> None:
         parser.add_argument("--init", help="the model to start from: a finished run folder (SFT) or an HF folder")
         parser.add_argument("--prompts", nargs="+", action="extend", metavar="FILE_OR_GLOB",
                             help="prompts: records with a 'prompt' (plus e.g. 'answer') or conversations")
-        parser.add_argument("--reward", help="a rule (arithmetic, format), a reward-model run, or rules joined by +")
+        parser.add_argument("--reward", help=f"a rule ({', '.join(RULES)}), a reward-model run, or several joined by +")
 
     def cli_flags(self, args) -> dict:
         return {"init_from": args.init, "reward": args.reward,
@@ -192,7 +200,7 @@ class RLStage(FineTuneStage):
             raise UserError(f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} leaves no room for a prompt "
                             f"in data.seq_len={cfg.data.seq_len}")
         train, val, stats, rejects, files = prepare_prompts(cfg, chat, echo)
-        spr = cfg.steps_per_rollout(cfg.scaling.num_workers)
+        spr = cfg.steps_per_rollout()
         total = cfg.max_steps or cfg.rollouts * spr
         rewards = [p if p in RULES else {"path": p, "weights_sha256": weights_sha256(
             find_model_dir(Path(p)))} for p in parts]
@@ -216,7 +224,6 @@ class RLTask:
     model, advantages and loss."""
 
     name = "rl"
-    needs_old_logp = False  # PPO: always (values and ratios); GRPO: when epochs > 1
 
     def __init__(self, cfg: RLConfig, run_dir: Path, ctx: WorkerContext):
         mcfg = ModelConfig.load(run_dir)
@@ -240,7 +247,7 @@ class RLTask:
         self.train_prompts, self.val_prompts = train, val
         self.reward_fn = reward_source(cfg.reward, max_tokens=cfg.reward_max_tokens, device=ctx.device)
         self.reference = reference
-        self.spr = cfg.steps_per_rollout(ctx.world_size)
+        self.spr = cfg.steps_per_rollout()
         self.sampler = None
         self.rollout_index, self.data = -1, None
 
@@ -253,9 +260,16 @@ class RLTask:
     def flops_per_token(self) -> float:
         return self.mcfg.flops_per_token(self.cfg.data.seq_len)
 
+    def actor_weights(self, state: dict) -> dict:
+        """The policy's own tensors of the trained module's state dict."""
+        return state
+
     def policy_state(self, engine) -> dict:
         from train.generation import current_weights
-        return current_weights(engine)
+        return self.actor_weights(current_weights(engine))
+
+    def export(self, state_dict: dict, out_dir: Path) -> None:
+        export_hf(self.actor_weights(state_dict), self.mcfg, out_dir, tokenizer_dir=self.tokenizer_dir, chat=True)
 
     def begin_step(self, engine, step: int) -> None:
         r = step // self.spr
@@ -289,8 +303,7 @@ class RLTask:
 
         state = self.policy_state(engine)  # every rank: a collective under ZeRO-3
         if self.sampler is None:
-            self.sampler = PolicySampler(state, self.mcfg, self.tokenizer_dir, self.ctx.device,
-                                         max_batch=max(8, len(prompts) * samples))
+            self.sampler = PolicySampler(state, self.mcfg, self.tokenizer_dir, self.ctx.device)
         else:
             self.sampler.refresh(state)
         r = self.cfg.rollout
@@ -366,10 +379,17 @@ class RLTask:
         _, nll = model(x, y, reduction="none")  # (B, T), 0 where y is IGNORE_INDEX
         return -nll
 
-    def entropy_estimate(self, logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-        """-log p of the sampled tokens: a one-sample estimate of the policy's entropy
-        (exact in expectation at temperature 1), summed over the answer tokens."""
-        return float((-logp * mask).sum().item()), float(mask.sum().item())
+    @staticmethod
+    @torch.no_grad()
+    def token_metrics(b: dict, logp: torch.Tensor, **per_token: torch.Tensor) -> dict:
+        """A micro-batch's metrics as (sum, count) over its answer tokens: each given
+        per-token tensor (kl, clip_fraction, ...), and `entropy`, -log p of the sampled
+        tokens (a one-sample estimate of the policy's entropy, exact in expectation at
+        temperature 1); plus the rollout's own metrics on its first micro-batch."""
+        mask, n = b["mask"], b["count"]
+        out = {k: ((v.float() * mask).sum().item(), n) for k, v in per_token.items()}
+        out["entropy"] = ((-logp * mask).sum().item(), n)
+        return {**out, **b.get("rollout_metrics", {})}
 
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()

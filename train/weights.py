@@ -106,17 +106,24 @@ def load_transformer(model_dir: str | Path, cfg: ModelConfig | None = None, *, d
     return transformer_from_state(state, cfg, device=device, dtype=dtype, where=str(model_dir))
 
 
+def load_state_into(model: Transformer, state: dict, where: str = "state dict") -> None:
+    """Copy `state` (our parameter names; a DeepSpeed "module." prefix is dropped) into
+    model's parameters in place, checked: every tensor, none unknown (the lm_head may be
+    missing when tied to the embedding)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"output.weight"} if model.cfg.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise UserError(f"{where}: weights do not match the model config "
+                        f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
+
+
 def transformer_from_state(state: dict, cfg: ModelConfig, *, device: torch.device | str = "cpu",
                            dtype: torch.dtype = torch.float32, where: str = "state dict") -> Transformer:
     """A Transformer holding `state` (our parameter names; a DeepSpeed "module." prefix is
     dropped), checked against cfg, on device in dtype, in eval mode, RoPE tables fp32."""
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed_missing = {"output.weight"} if cfg.tie_embeddings else set()
-    if set(missing) - allowed_missing or unexpected:
-        raise UserError(f"{where}: weights do not match the model config "
-                        f"(missing {sorted(set(missing) - allowed_missing)[:3]}, unexpected {unexpected[:3]})")
+    load_state_into(model, state, where)
     model = model.to(device=device, dtype=dtype).eval()
     model.rope_tables_fp32()
     return model

@@ -145,7 +145,8 @@ def test_rl_stages_on_ray_train_zero2(stage, ray_session, arithmetic_model, arit
     result = run_stage(stage, cfg, **QUIET)
     assert (out / "_SUCCESS").is_file() and math.isfinite(result["eval"]["val/reward"])
     train = metrics(out, "train")
-    assert train[-1]["step"] == cfg.rollouts * cfg.steps_per_rollout(2) and all(math.isfinite(r["loss"]) for r in train)
+    assert train[-1]["step"] == cfg.rollouts * cfg.steps_per_rollout()
+    assert all(math.isfinite(r["loss"]) for r in train)
     hf = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert type(hf).__name__ == "LlamaForCausalLM"
     assert "score" not in json.dumps(list(hf.state_dict()))  # PPO exports the actor only
@@ -162,6 +163,8 @@ def test_bad_prompts_are_rejected_and_bad_settings_are_one_line_errors(arithmeti
     assert plan.info["data"]["rejected"] == 4 and plan.info["data"]["train_prompts"] == 26
     with pytest.raises(UserError, match="neither a rule"):
         stage.plan(stage.absolute(rl_cfg("grpo", arithmetic_model, f, tmp_path / "r2", reward="nope")))
+    with pytest.raises(UserError, match="not a reward model"):  # an SFT run given as the reward
+        stage.plan(stage.absolute(rl_cfg("grpo", arithmetic_model, f, tmp_path / "r5", reward=str(arithmetic_model))))
     with pytest.raises(UserError, match="not a multiple"):
         rl_cfg("grpo", arithmetic_model, f, tmp_path / "r3", rollout={"prompts": 3, "samples": 3}).steps_per_rollout()
     with pytest.raises(UserError, match="more than data.val_prompts"):
