@@ -111,17 +111,16 @@ def from_hf_state_dict(hf_state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
         if module.startswith("model.layers."):
             _, _, idx, rest = module.split(".", 3)
             if rest in inv_fused:
-                groups.setdefault(f"layers.{idx}.{inv_fused[rest]}.{kind}", {})[rest] = tensor
+                groups.setdefault((idx, inv_fused[rest], kind), {})[rest] = tensor
             else:
                 out[f"layers.{idx}.{inv_layer[rest]}.{kind}"] = tensor
         else:
             out[f"{inv_top[module]}.{kind}"] = tensor
-    for ours, parts in groups.items():
-        hf_names = _FUSED[ours.split(".", 2)[2].rpartition(".")[0]]
-        missing = [hf for hf in hf_names if hf not in parts]
+    for (idx, ours, kind), parts in groups.items():
+        missing = [hf for hf in _FUSED[ours] if hf not in parts]
         if missing:
-            raise KeyError(f"{ours.rpartition('.')[0].replace('layers.', 'model.layers.', 1)}: no {missing[0]}")
-        out[ours] = torch.cat([parts[hf] for hf in hf_names], dim=0)
+            raise KeyError(f"model.layers.{idx}: no {missing[0]}.{kind}")
+        out[f"layers.{idx}.{ours}.{kind}"] = torch.cat([parts[hf] for hf in _FUSED[ours]], dim=0)
     return out
 
 

@@ -100,6 +100,27 @@ def test_roundtrip_names():
         torch.testing.assert_close(fresh.state_dict()[k], v)
 
 
+def test_a_missing_projection_of_a_fused_group_is_a_clear_error(tmp_path):
+    """q/k/v and gate/up are joined into wqkv / w13 on loading: an HF folder missing one
+    of them names it, and loading it is a one-line error, not a shape mismatch."""
+    from safetensors.torch import save_file
+
+    from train.weights import load_transformer
+    from zerolm.errors import UserError
+
+    cfg, model = make()
+    hf_sd = to_hf_state_dict(model.state_dict(), cfg)
+    del hf_sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(KeyError, match="model.layers.1: no mlp.up_proj.weight"):
+        from_hf_state_dict(hf_sd)
+    out = export_hf(model.state_dict(), cfg, tmp_path / "hf")
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="do not match a Llama model .*self_attn.k_proj"):
+        load_transformer(out, cfg)
+
+
 def test_overwrite_is_atomic_and_copies_tokenizer(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
