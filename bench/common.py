@@ -191,18 +191,19 @@ def _fmt(v) -> str:
 
 
 def side_by_side(order: str, run, extra: dict, ratios: dict[str, str], columns: list[str]) -> list[dict]:
-    """Run each of `order` ("ours,trl") in turn with run(which) -> row, add `extra` and
-    the machine, emit each row, then the ratios {name: key} against the trl row, and
-    the table."""
+    """Run each of `order` ("ours,trl") in turn with run(which) -> row (or a list of
+    rows: one per setting), add `extra` and the machine, emit each row, then the
+    ratios {name: key} against trl's best row for that key, and the table."""
     rows = []
     for which in order.split(","):
-        row = run(which)
-        row.update({**extra, **machine()})
-        emit(row)
-        rows.append(row)
-    base = next(r for r in rows if r["what"] == "trl")
-    for r in rows:
-        for name, key in ratios.items():
-            r[name] = round(r[key] / base[key], 2)
+        got = run(which)
+        for row in got if isinstance(got, list) else [got]:
+            row.update({**extra, **machine()})
+            emit(row)
+            rows.append(row)
+    for name, key in ratios.items():
+        base = max(r[key] for r in rows if r["what"] == "trl")
+        for r in rows:
+            r[name] = round(r[key] / base, 2)
     print_table(rows, columns)
     return rows

@@ -31,7 +31,7 @@ def prompts(n: int) -> list[dict]:
     return arithmetic_problems(n, seed=0)
 
 
-def bench_ours(args, probs, tok_dir, mcfg, init_state) -> dict:
+def bench_ours(args, probs, tok_dir, mcfg, init_state, precision: str) -> dict:
     from train.chat import ChatTokenizer
     from train.distributed import setup
     from train.export_hf import from_hf_state_dict
@@ -49,7 +49,7 @@ def bench_ours(args, probs, tok_dir, mcfg, init_state) -> dict:
         "output": "/tmp/unused", "init_from": "/tmp/unused", "reward": "format", "reward_max_tokens": args.new,
         "data": {"seq_len": 128 + args.new, "micro_batch_size": n},
         "rollout": {"prompts": args.prompts, "samples": args.group, "max_new_tokens": args.new},
-        "policy": {"kl_coef": 0.04}, "deepspeed": {"zero_stage": 0, "precision": "fp32"}, "optim": {"lr": 1e-6}})
+        "policy": {"kl_coef": 0.04}, "deepspeed": {"zero_stage": 0, "precision": precision}, "optim": {"lr": 1e-6}})
     reference = Transformer(mcfg)
     reference.load_state_dict(from_hf_state_dict(init_state), strict=False)
     task = GRPOTask.in_memory(cfg, ctx, mcfg, tok_dir, Prompts(items), Prompts(items[:1]), reference)
@@ -60,11 +60,11 @@ def bench_ours(args, probs, tok_dir, mcfg, init_state) -> dict:
     wall, stats = time_train_steps(engine, task, ctx, args.warmup, args.steps)
     generated = args.steps * n * args.new  # every completion runs to max_new (checked below)
     assert stats.count == generated, (stats.count, generated)  # answer tokens: generated ones
-    return {"what": "zerolm", "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
+    return {"what": "zerolm", "precision": precision, "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
             "gen_tokens_per_s": round(generated / wall)}
 
 
-def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir) -> dict:
+def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir, precision: str) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -86,12 +86,13 @@ def bench_trl(args, probs, tok_dir, mcfg, init_state, workdir) -> dict:
     cfg = GRPOConfig(output_dir=str(workdir / "trl-grpo"), per_device_train_batch_size=n, num_generations=args.group,
                      max_completion_length=args.new, max_steps=args.warmup + args.steps, learning_rate=1e-6,
                      beta=0.04, logging_steps=10**6, save_strategy="no", report_to=[], use_cpu=True,
-                     dataloader_num_workers=0, seed=0, optim="adamw_torch", temperature=1.0, loss_type="dapo")
+                     dataloader_num_workers=0, seed=0, optim="adamw_torch", temperature=1.0, loss_type="dapo",
+                     bf16=precision == "amp_bf16")
     trainer = GRPOTrainer(model=str(init_dir), reward_funcs=format_reward, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[window])
     trainer.train()
     wall = window.wall
-    return {"what": "trl", "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
+    return {"what": "trl", "precision": precision, "wall_s": round(wall, 2), "steps_per_s": round(args.steps / wall, 3),
             "gen_tokens_per_s": round(args.steps * n * args.new / wall)}
 
 
@@ -115,6 +116,8 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--order", default="ours,trl")
+    p.add_argument("--precision", default="fp32,amp_bf16",
+                   help="settings run for each side: fp32, amp_bf16 (fp32 weights, bf16 autocast; trl: bf16=True)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -125,11 +128,13 @@ def main() -> None:
                        max_seq_len=128 + args.new, multiple_of=64)
     init = hf_model(mcfg).state_dict()
     probs = prompts(64)
-    side_by_side(args.order, lambda which: bench_ours(args, probs, tok_dir, mcfg, init) if which == "ours"
-                 else bench_trl(args, probs, tok_dir, mcfg, init, args.workdir),
+    settings = args.precision.split(",")
+    side_by_side(args.order, lambda which: [bench_ours(args, probs, tok_dir, mcfg, init, p) if which == "ours"
+                                            else bench_trl(args, probs, tok_dir, mcfg, init, args.workdir, p)
+                                            for p in settings],
                  {"threads": args.threads, "prompts": args.prompts, "group": args.group, "new_tokens": args.new,
                   "params_M": round(mcfg.num_params() / 1e6, 2), "trl": trl.__version__},
-                 {"vs_trl": "steps_per_s"}, ["what", "wall_s", "steps_per_s", "gen_tokens_per_s", "vs_trl"])
+                 {"vs_trl": "steps_per_s"}, ["what", "precision", "wall_s", "steps_per_s", "gen_tokens_per_s", "vs_trl"])
 
 if __name__ == "__main__":
     main()

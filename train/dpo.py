@@ -28,6 +28,7 @@ from train.config import EvalSection, OptimSection, StageConfig
 from train.distributed import WorkerContext
 from train.export_hf import export_hf
 from train.losses import DPO_LOSSES, IGNORE_INDEX, dpo_loss, sequence_sums
+from train.loop import frozen_autocast
 from train.pairs import PairsSection
 from train.reward import PairStage, PairTask
 from train.weights import find_model_dir, load_transformer
@@ -118,7 +119,8 @@ class DPOTask(PairTask):
         rows = all_rows[self.ctx.rank::self.ctx.world_size]
         for i in range(0, len(rows), self.cfg.data.micro_batch_size):
             b = self.batch(data, rows[i:i + self.cfg.data.micro_batch_size])
-            lp, _ = self.logps(self.reference, b)
+            with frozen_autocast(self.cfg, self.ctx.device):
+                lp, _ = self.logps(self.reference, b)
             table[b["seqs"]] = lp.double()
         if torch.distributed.is_initialized() and self.ctx.world_size > 1:
             torch.distributed.all_reduce(table)
@@ -136,7 +138,7 @@ class DPOTask(PairTask):
         elif self.ref_tables:
             ref = torch.from_numpy(self.ref_tables[b["split"]]).to(lp.device)[b["seqs"]]
         else:
-            with torch.no_grad():
+            with torch.no_grad(), frozen_autocast(self.cfg, self.ctx.device):
                 ref, _ = self.logps(self.reference, b)
         losses, r_c, r_r = dpo_loss(lp[0::2], lp[1::2], None if ref is None else ref[0::2],
                                     None if ref is None else ref[1::2], beta=d.beta, kind=d.loss,
@@ -160,7 +162,8 @@ class DPOTask(PairTask):
         next-token distributions, and the number of positions."""
         kw = {"positions": b["positions"], "doc_ids": b["doc_ids"]}
         logp = F.log_softmax(engine(b["x"], **kw).float(), dim=-1)  # (B, T, V)
-        logq = F.log_softmax(self.reference(b["x"], **kw).float(), dim=-1)
+        with frozen_autocast(self.cfg, self.ctx.device):
+            logq = F.log_softmax(self.reference(b["x"], **kw).float(), dim=-1)
         chosen = (b["y"] != IGNORE_INDEX) & (b["example_ids"] % 2 == 0)  # sequences alternate chosen, rejected
         kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
         return kl[chosen].sum().item(), float(chosen.sum().item())

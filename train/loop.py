@@ -166,6 +166,18 @@ def train_step(engine, task: Task, step: int, grad_accum: int, ctx: WorkerContex
     return stats
 
 
+def frozen_autocast(cfg: StageConfig, device: torch.device):
+    """The context frozen models (references, reward models) run in. They run outside
+    the DeepSpeed engine, whose autocast or half-precision weights do not reach them:
+    in the precision the trained model computes in, policy and reference agree at the
+    start (a KL of 0, DPO's loss log 2) instead of differing by rounding."""
+    import contextlib
+
+    precision = cfg.deepspeed.resolved_precision(device.type == "cuda")
+    dtype = {"bf16": torch.bfloat16, "amp_bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype) if dtype else contextlib.nullcontext()
+
+
 def prepare_frozen(task: Task, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The task's frozen models, in eval mode and without gradients; none may share a
     parameter with the trained model (it would then be trained, or checkpointed twice)."""

@@ -40,23 +40,33 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.
     return total / (flat_targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul on x in (x's own without autocast): an
+    autograd Function's backward runs outside autocast, so it is fixed in forward."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, mean: bool):
-        # hidden (N, C), weight (V, C), targets (N,)
+        # hidden (N, C), weight (V, C), targets (N,). Only rows with a target are
+        # computed (an SFT row's prompt, padding: no logits, zero gradient).
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        valid = targets != IGNORE_INDEX  # (N,)
-        count = valid.sum().clamp(min=1) if mean else torch.ones((), dtype=torch.long, device=hidden.device)
+        rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+        count = rows.numel() if mean else 1
+        dt = _compute_dtype(hidden)
+        w = weight.to(dt)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for s in range(0, hidden.shape[0], chunk):
-            h, t, ok = hidden[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
-            logits = (h @ weight.t()).float()  # (n, V)
-            safe_t = t.clamp(min=0)
-            picked = logits.gather(1, safe_t[:, None])[:, 0]
+        for s in range(0, rows.numel(), chunk):
+            idx = rows[s:s + chunk]
+            h, t = hidden.index_select(0, idx).to(dt), targets.index_select(0, idx)
+            logits = (h @ w.t()).float()  # (n, V)
+            picked = logits.gather(1, t[:, None])[:, 0]
             if not (need_h or need_w):
-                total += torch.where(ok, torch.logsumexp(logits, dim=-1) - picked, 0.0).sum()
+                total += (torch.logsumexp(logits, dim=-1) - picked).sum()
                 continue
             # One exponential pass serves the loss and the gradient (logsumexp and then
             # exp(logits - lse) would run it twice over the (n, V) block; on CPU these
@@ -64,24 +74,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             top = logits.amax(dim=-1, keepdim=True)
             probs = logits.sub_(top).exp_()  # in place: the logits are not needed again
             sum_exp = probs.sum(dim=-1)
-            total += torch.where(ok, top[:, 0] + sum_exp.log() - picked, 0.0).sum()
-            # d(sum of losses)/d(logits) = softmax - one_hot, zero on ignored rows
-            keep = ok.to(probs.dtype)
-            probs.mul_((keep / sum_exp)[:, None])
-            probs[torch.arange(len(t), device=t.device), safe_t] -= keep
-            g = probs.to(hidden.dtype)
+            total += (top[:, 0] + sum_exp.log() - picked).sum()
+            # d(sum of losses)/d(logits) = softmax - one_hot
+            probs.div_(sum_exp[:, None])
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            g = probs.to(dt)
             if need_h:
-                grad_h[s:s + chunk] = g @ weight
+                grad_h.index_copy_(0, idx, (g @ w).to(hidden.dtype))
             if need_w:
                 grad_w += (g.t() @ h).float()
-        ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0), count)
-        ctx.need, ctx.weight_dtype = (need_h, need_w), weight.dtype
-        return total / count
+        ctx.save_for_backward(grad_h if need_h else torch.empty(0), grad_w if need_w else torch.empty(0))
+        ctx.need, ctx.weight_dtype, ctx.count = (need_h, need_w), weight.dtype, max(count, 1)
+        return total / max(count, 1)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w, count = ctx.saved_tensors
-        scale = grad_out / count
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.count
         need_h, need_w = ctx.need
         return ((grad_h * scale.to(grad_h.dtype)) if need_h else None,
                 (grad_w * scale).to(ctx.weight_dtype) if need_w else None, None, None, None)
@@ -103,25 +112,68 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 # ----------------------------------------------------------------- per token, per sequence
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    logits = (h @ weight.t()).float()  # (n, V)
-    return logits.gather(1, t.clamp(min=0)[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(target) of the rows that have one, (n,) in fp32. The softmax of each chunk
+    is computed once in forward; backward turns it into d logp / d logits = one_hot -
+    softmax scaled by the incoming gradient, in place, then the two matmuls. The
+    softmax is kept for backward when all rows fit one chunk (the memory a chunk
+    takes anyway) and recomputed chunk by chunk otherwise."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, grad: bool):
+        dt = _compute_dtype(hidden)
+        w = weight.to(dt)
+        keep_probs = grad and hidden.shape[0] <= chunk
+        out, lse_all, saved = [], [], []
+        for s in range(0, hidden.shape[0], chunk):
+            h, t = hidden[s:s + chunk].to(dt), targets[s:s + chunk]
+            logits = (h @ w.t()).float()  # (n, V)
+            picked = logits.gather(1, t[:, None])[:, 0]
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            sum_exp = probs.sum(dim=-1)
+            lse = top[:, 0] + sum_exp.log()
+            out.append(picked - lse)
+            lse_all.append(lse)
+            if keep_probs:
+                saved.append(probs.div_(sum_exp[:, None]))
+        ctx.chunk, ctx.dt, ctx.weight_dtype = chunk, dt, weight.dtype
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        if grad:
+            ctx.save_for_backward(hidden, weight, targets, torch.cat(lse_all) if lse_all else empty, *saved)
+        return torch.cat(out) if out else empty
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse, *saved = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dt, chunk = ctx.dt, ctx.chunk
+        w = weight.to(dt)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for k, s in enumerate(range(0, hidden.shape[0], chunk)):
+            h, t, g = hidden[s:s + chunk].to(dt), targets[s:s + chunk], grad_out[s:s + chunk].float()
+            probs = saved[k] if saved else ((h @ w.t()).float().sub_(lse[s:s + chunk, None]).exp_())
+            probs.mul_(-g[:, None])  # d(g . logp)/d logits = g * (one_hot - softmax)
+            probs[torch.arange(len(t), device=t.device), t] += g
+            d = probs.to(dt)
+            if need_h:
+                grad_h[s:s + chunk] = (d @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (d.t() @ h).float()
+        return grad_h, (grad_w.to(ctx.weight_dtype) if need_w else None), None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    chunk: int = 1024) -> torch.Tensor:
     """log p(target) of every position in fp32, 0 where the target is IGNORE_INDEX.
-    hidden (N, C), weight (V, C), targets (N,) -> (N,). Chunks are recomputed in the
-    backward pass (activation checkpointing), so the (N, V) logits never exist at once."""
-    from torch.utils.checkpoint import checkpoint
-
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        h, t = hidden[s:s + chunk], targets[s:s + chunk]
-        lp = checkpoint(_chunk_logprobs, h, weight, t, use_reentrant=False) if torch.is_grad_enabled() \
-            else _chunk_logprobs(h, weight, t)
-        out.append(torch.where(t != IGNORE_INDEX, lp, 0.0))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    hidden (N, C), weight (V, C), targets (N,) -> (N,). Only positions with a target
+    are computed (an answer's prompt and padding cost nothing), chunk by chunk, so the
+    (N, V) logits never exist at once."""
+    rows = (targets != IGNORE_INDEX).nonzero()[:, 0]
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    lp = _TokenLogprobs.apply(hidden.index_select(0, rows), weight, targets.index_select(0, rows), chunk, grad)
+    return hidden.new_zeros(hidden.shape[0], dtype=torch.float32).index_put((rows,), lp)
 
 
 def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, n: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from train.conversations import BadRecord, check_conversation, parse_files, to_m
 from train.distributed import WorkerContext, all_reduce_sum
 from train.export_hf import export_hf
 from train.losses import IGNORE_INDEX
+from train.loop import frozen_autocast
 from train.model_config import ModelConfig
 from train.runner import FineTuneStage, Plan, absolute, write_prepared
 from train.rewards import RULES, Sample, check_reward_spec, reward_source
@@ -355,7 +356,8 @@ class RLTask:
             real[i, :len(s) - 1] = 1
         data = {"x": x.to(dev), "y": y.to(dev), "real": real.to(dev), "mask": (y != IGNORE_INDEX).float().to(dev),
                 "rewards": torch.tensor(rewards, dtype=torch.float32, device=dev)}
-        data["ref_logp"] = self._logp_chunks(self.reference, data)
+        with frozen_autocast(self.cfg, dev):
+            data["ref_logp"] = self._logp_chunks(self.reference, data)
         engine.eval()
         self.extra_rollout_tensors(engine, data)  # old log-probs, values: the algorithm's
         engine.train()

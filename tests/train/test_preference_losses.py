@@ -132,19 +132,44 @@ def test_losses_are_finite_at_extremes():
     assert torch.isfinite(reward_pair_loss(big, -big)).all()
 
 
-def test_token_logprobs_match_log_softmax_in_value_and_gradient():
+def test_token_logprobs_under_bf16_autocast_stay_close_and_give_fp32_grads():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = torch.randn(300, 32, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (40,), generator=g)
+    ref = F.log_softmax(h @ w.t(), dim=-1).gather(1, t[:, None])[:, 0]
+    for chunk in (16, 1024):
+        with torch.autocast("cpu", torch.bfloat16):
+            lp = token_logprobs(h, w, t, chunk=chunk)
+        assert lp.dtype == torch.float32
+        torch.testing.assert_close(lp, ref.detach(), rtol=0.05, atol=0.3)  # bf16 matmul rounding
+        gh, gw = torch.autograd.grad(lp.sum(), (h, w))
+        rh, rw = torch.autograd.grad(ref.sum(), (h, w), retain_graph=True)
+        assert gh.dtype == gw.dtype == torch.float32
+        assert F.cosine_similarity(gh.flatten(), rh.flatten(), dim=0) > 0.99
+        assert F.cosine_similarity(gw.flatten(), rw.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("chunk", [7, 1024])  # softmax recomputed in backward / kept from forward
+def test_token_logprobs_match_log_softmax_in_value_and_gradient(chunk):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(23, 16, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 50, (23,), generator=g)
     t[[0, 5, 22]] = IGNORE_INDEX
-    ours_lp = token_logprobs(h, w, t, chunk=7)
+    ours_lp = token_logprobs(h, w, t, chunk=chunk)
     ref = F.log_softmax(h @ w.t(), dim=-1).gather(1, t.clamp(min=0)[:, None])[:, 0].masked_fill(t == IGNORE_INDEX, 0)
     torch.testing.assert_close(ours_lp.double(), ref.float().double(), rtol=1e-6, atol=1e-6)
     gh, gw = torch.autograd.grad((ours_lp * torch.arange(23.0, dtype=torch.float32)).sum(), (h, w))
     rh, rw = torch.autograd.grad((ref * torch.arange(23.0, dtype=torch.float64)).sum(), (h, w))
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(h, w, t, chunk=chunk), ours_lp.detach())
+    none = torch.full_like(t, IGNORE_INDEX)  # nothing to score: zeros, and a graph that backpropagates zeros
+    lp0 = token_logprobs(h, w, none, chunk=chunk)
+    assert lp0.abs().sum().item() == 0
+    assert torch.autograd.grad(lp0.sum(), h)[0].abs().sum().item() == 0
     seq = torch.tensor([[0, 0, 1, 1, -1], [2, 2, 2, -1, -1]])
     vals = torch.arange(10.0).view(2, 5)
     assert sequence_sums(vals, seq, 3).tolist() == [1.0, 5.0, 18.0]
