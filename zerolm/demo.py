@@ -82,6 +82,67 @@ def demo_dpo_config(init: Path, pairs: Path, output: Path, address: str | None) 
     }
 
 
+# `--rl`: the chat model learns worked arithmetic answers for a while (a third or so
+# right afterwards: the answers' form and some sums), then GRPO with the verifiable
+# reward (the final number checked against the known answer) learns from its own
+# samples. Problems are generated from a seed (train/rewards.py), nothing downloaded.
+ARITH_MAX_OPERAND = 5
+
+
+def write_demo_arithmetic(out_dir: Path) -> tuple[Path, Path]:
+    """Worked problems for SFT and, from another seed, bare prompts with their answers."""
+    import json
+
+    from train.rewards import arithmetic_problems
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sft, prompts = out_dir / "arithmetic_sft.jsonl", out_dir / "arithmetic_prompts.jsonl"
+    worked = arithmetic_problems(2000, seed=11, max_operand=ARITH_MAX_OPERAND)
+    bare = [{"prompt": r["prompt"], "answer": r["answer"]}
+            for r in arithmetic_problems(400, seed=12, max_operand=ARITH_MAX_OPERAND)]
+    for path, rows in ((sft, worked), (prompts, bare)):
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if not (path.exists() and path.read_text(encoding="utf-8") == text):  # a rerun finds its stages done
+            path.write_text(text, encoding="utf-8")
+    return sft, prompts
+
+
+def demo_arith_sft_config(init: Path, data: Path, output: Path, address: str | None) -> dict:
+    return {
+        "output": str(output), "init_from": str(init),
+        "data": {"paths": [str(data)], "seq_len": 128, "micro_batch_size": 8, "prompt_dedup": {"enabled": False}},
+        "optim": {"lr": 1e-3, "min_lr_ratio": 1.0}, "schedule": {"warmup_frac": 0.0}, "max_steps": 200,
+        "log_every": 50, "eval": {"every": 0, "generate": 0}, "checkpoint": {"every": 0},
+        "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
+    }
+
+
+def demo_grpo_config(init: Path, prompts: Path, output: Path, address: str | None) -> dict:
+    """4 problems x 8 sampled answers per worker and rollout, one update per rollout."""
+    return {
+        "output": str(output), "init_from": str(init), "reward": "arithmetic", "rollouts": 100,
+        "data": {"paths": [str(prompts)], "seq_len": 128, "micro_batch_size": 32, "val_prompts": 48},
+        "rollout": {"prompts": 4, "samples": 8, "max_new_tokens": 32}, "optim": {"lr": 5e-4},
+        "eval": {"every": 50, "at_start": True, "prompts": 48}, "checkpoint": {"every": 50}, "log_every": 10,
+        "deepspeed": {"zero_stage": 2}, "scaling": {"num_workers": 2, "address": address}, "threads_per_worker": 1,
+    }
+
+
+def print_reward_curve(run_dir: Path) -> None:
+    """The GRPO run's mean sampled reward per logged window, and the held-out greedy reward."""
+    from train.metrics import read_metrics
+
+    print("mean reward of the sampled answers (rollouts of 4 problems x 8 answers per worker):")
+    rows = [r for r in read_metrics(run_dir, "train") if "reward" in r]
+    start = 0
+    for r in rows:
+        print(f"  rollouts {start + 1:>3}-{r['step']:<3}  {r['reward']:.3f}  {'#' * round(40 * r['reward'])}")
+        start = r["step"]
+    evals = read_metrics(run_dir, "eval")
+    print("held-out problems answered right (greedy): " + ", ".join(
+        f"step {e['step']} {e['val/reward']:.3f}" for e in evals))
+
+
 def _write_config(work: Path, name: str, data: dict) -> Path:
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
@@ -90,7 +151,7 @@ def _write_config(work: Path, name: str, data: dict) -> Path:
 
 
 def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | None = None,
-             serve_port: int | None = 8000) -> dict:
+             serve_port: int | None = 8000, rl: bool = False) -> dict:
     from dataproc.config import DataRunConfig
     from dataproc.pack import PackConfig, run_pack
     from dataproc.pipeline import run_data
@@ -185,6 +246,8 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
           f"{before.get('val/logp_accuracy', float('nan')):.3f}, after {ev.get('val/logp_accuracy', float('nan')):.3f}; "
           f"DPO reward accuracy (log ratio to the SFT model) {ev.get('val/reward_accuracy', float('nan')):.3f}")
     outputs["dpo run"] = work / "runs" / "dpo"
+    if rl:
+        outputs.update(_demo_rl(work, outputs["chat run"], address, overwrite))
 
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
@@ -192,20 +255,42 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
     print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
     if serve_port:
-        _serve(outputs["run"], outputs["dpo run"], serve_port)
+        _serve(outputs["run"], outputs["dpo run"], serve_port, outputs.get("grpo run"))
     return outputs
 
 
-def _serve(run_dir: Path, chat_dir: Path, port: int) -> None:
-    """Serve the pretrained model (`demo`) and the chat model (`chat`: SFT, then DPO)
-    until Ctrl-C, with requests to paste into another shell."""
+def _demo_rl(work: Path, chat: Path, address: str | None, overwrite: bool) -> dict:
+    from train.grpo import GRPOConfig
+    from train.runner import run_stage
+    from train.sft import SFTConfig
+
+    _banner("sft on worked arithmetic answers (generated problems with known answers)")
+    sft_data, prompts = write_demo_arithmetic(work / "rl_data")
+    cfg = demo_arith_sft_config(chat, sft_data, work / "runs" / "arith_sft", address)
+    _write_config(work, "arith_sft", cfg)
+    run_stage("sft", SFTConfig.model_validate(cfg), overwrite=overwrite)
+
+    _banner("grpo: zerolm train grpo --reward arithmetic (rollouts through the serving engine; Ray Train, "
+            "2 workers, ZeRO-2)")
+    cfg = demo_grpo_config(work / "runs" / "arith_sft", prompts, work / "runs" / "grpo", address)
+    _write_config(work, "grpo", cfg)
+    run_stage("grpo", GRPOConfig.model_validate(cfg), overwrite=overwrite)
+    print_reward_curve(work / "runs" / "grpo")
+    return {"rl data": work / "rl_data", "grpo run": work / "runs" / "grpo"}
+
+
+def _serve(run_dir: Path, chat_dir: Path, port: int, math_dir: Path | None = None) -> None:
+    """Serve the pretrained model (`demo`), the chat model (`chat`: SFT, then DPO) and,
+    after `--rl`, the GRPO model (`math`) until Ctrl-C, with requests to paste into
+    another shell."""
     import ray
 
     from serve.server import serve
 
     if ray.is_initialized():
         ray.shutdown()  # the data and training jobs are done: give their cores back
-    _banner(f"serve: zerolm serve --model demo={run_dir} --model chat={chat_dir} --port {port}")
+    models = [f"demo={run_dir}", f"chat={chat_dir}"] + ([f"math={math_dir}"] if math_dir else [])
+    _banner(f"serve: zerolm serve {' '.join('--model ' + m for m in models)} --port {port}")
     print("try, from another shell:")
     print(f"""  curl -s http://127.0.0.1:{port}/v1/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "demo", "prompt": "人民日报", "max_tokens": 32, "temperature": 0}}'""")
@@ -213,8 +298,11 @@ def _serve(run_dir: Path, chat_dir: Path, port: int) -> None:
     -d '{{"model": "chat", "messages": [{{"role": "user", "content": "判断这条评论的情感是正面还是负面：\\n质量很好，物流也快，非常满意"}}], "temperature": 0}}'""")
     print(f"""  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "chat", "messages": [{{"role": "user", "content": "What is the Python module json for?"}}], "temperature": 0}}'""")
+    if math_dir:
+        print(f"""  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "math", "messages": [{{"role": "user", "content": "Compute: 3 + 4 = ?"}}], "temperature": 0}}'""")
     print("(Ctrl-C stops the server; `zerolm demo --no-serve` skips this step)", flush=True)
     try:
-        serve([f"demo={run_dir}", f"chat={chat_dir}"], port=port)
+        serve(models, port=port)
     except KeyboardInterrupt:
         pass
