@@ -12,9 +12,12 @@ the following optimizer steps learn from them:
 
 Rollouts run in the training process, between steps: each worker samples its own
 prompts with its own engine copy. The alternative, engine actors placed by Ray that
-receive new weights after every update, pays a weight transfer per rollout and, on a
-CPU node, competes for the same cores as the trainer; it pays off only when
-generation has devices of its own (see docs/benchmarks.md for what was measured).
+receive new weights after every update, was measured on CPU (bench/rollout_placement.py,
+docs/benchmarks.md): waiting for an actor is slower by the weight transfer through the
+object store; an actor that generates the next rollout during the update is faster on
+2 cores, but its answers come from the weights before the update (off-policy by one
+update, which the losses here do not correct). It pays off when generation has
+devices of its own.
 
 Losses sum over response tokens (their <|im_end|> included); the loop divides by the
 number of response tokens over all micro-batches and ranks (token-level
