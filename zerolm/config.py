@@ -15,15 +15,36 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from zerolm.errors import UserError
 
 
 class StrictModel(BaseModel):
-    """Base for every config model: unknown keys are errors, values are validated."""
+    """Base for every config model: unknown keys are errors, values are validated.
+
+    A section whose default is a factory with the stage's own values (RL's optimizer:
+    lr 1e-6, no weight decay, a flat schedule) keeps those values for the keys a user
+    leaves out: `optim: {lr: 1e-5}` changes the lr only, instead of silently falling
+    back to the section class's defaults for everything else."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_stage_defaults(cls, data):
+        if not isinstance(data, Mapping):
+            return data
+        merged = None
+        for name, field in cls.model_fields.items():
+            given = data.get(name)
+            if not isinstance(given, Mapping) or field.default_factory is None:
+                continue
+            base = field.default_factory()
+            if isinstance(base, BaseModel) and base.model_fields_set:
+                merged = dict(data) if merged is None else merged
+                merged[name] = {**base.model_dump(include=base.model_fields_set), **given}
+        return data if merged is None else merged
 
 
 M = TypeVar("M", bound=BaseModel)

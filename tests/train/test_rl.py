@@ -60,18 +60,18 @@ def greedy_accuracy(model_dir, prompts_file, n: int = 48) -> float:
 
 @pytest.fixture(scope="module")
 def arithmetic_model(tiny_model_dir, arithmetic_files):
-    """SFT on worked answers in rounds of 100 steps, stopped once it answers a quarter
+    """SFT on worked answers in rounds of 50 steps, stopped once it answers a quarter
     of held-out problems right: most are still wrong, so there is something to learn.
     (How fast a 0.25M-parameter model gets there varies with its pretraining; with
     more SFT it reaches ~0.9, so the task is within its capacity.)"""
     init, out = tiny_model_dir, None
-    for round_ in range(12):
+    for round_ in range(24):
         out = tiny_model_dir.parent / f"tiny_arith_{round_}"
         cfg = get_stage("sft").config.model_validate({
-            "output": str(out), "init_from": str(init), "max_steps": 150 if round_ == 0 else 100, "log_every": 50,
+            "output": str(out), "init_from": str(init), "max_steps": 150 if round_ == 0 else 50, "log_every": 50,
             "data": {"paths": [str(arithmetic_files[0])], "seq_len": 128, "micro_batch_size": 16,
                      "prompt_dedup": {"enabled": False}},
-            "optim": {"lr": 3e-3, "min_lr_ratio": 1.0}, "schedule": {"warmup_frac": 0.0},
+            "optim": {"lr": 3e-3, "min_lr_ratio": 1.0, "weight_decay": 0.1}, "schedule": {"warmup_frac": 0.0},
             "eval": {"every": 0, "generate": 0}, "checkpoint": {"every": 0}, "scaling": {"launcher": "local"}})
         run_stage("sft", cfg, **QUIET)
         if greedy_accuracy(out, arithmetic_files[1]) >= 0.25:
@@ -128,17 +128,18 @@ def quarter_means(curve: list[float]) -> tuple[float, float]:
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_rl_raises_the_verifiable_arithmetic_reward_with_bounded_kl(stage, arithmetic_model, arithmetic_files,
                                                                      tmp_path):
-    """200 rollouts of 8 problems x 8 sampled answers. Measured in 4 GRPO runs (models
-    and seeds varied): the logged reward's first-quarter mean 0.23-0.37, last quarter
-    0.34-0.62; held-out greedy reward 0.25-0.35 before, 0.44-0.65 after; KL under 0.94.
-    PPO in 2 runs: 0.24 -> 0.48 and 0.32 -> 0.57, KL under 0.24."""
+    """200 rollouts of 8 problems x 8 sampled answers. Measured in 5 GRPO runs (models,
+    seeds and schedules varied): the logged reward's first-quarter mean 0.23-0.37, last
+    quarter 0.34-0.62; held-out greedy reward 0.25-0.35 before, 0.38-0.65 after; KL
+    under 1.1. PPO in 3 runs: 0.24 -> 0.48, 0.26 -> 0.41, 0.32 -> 0.57, KL under 0.24."""
     out = tmp_path / stage
-    cfg = rl_cfg(stage, arithmetic_model, arithmetic_files[1], out, rollouts=200, optim={"lr": 1e-3}, log_every=20,
-                 eval={"every": 0})
+    cfg = rl_cfg(stage, arithmetic_model, arithmetic_files[1], out, rollouts=200,
+                 optim={"lr": 1e-3, "min_lr_ratio": 0.1}, log_every=20, eval={"every": 0})
     run_stage(stage, cfg, **QUIET)
     evals, train = metrics(out, "eval"), metrics(out, "train")
     curve = [r["reward"] for r in train if "reward" in r]  # each a mean over 20 steps' rollouts
     first, last = quarter_means(curve)
+    assert 0 < evals[0]["val/reward"] < 0.6, evals  # something right, much to learn
     assert 0 < first < 0.75 and last >= first + 0.08, curve
     assert [e["step"] for e in evals] == [0, cfg.rollouts * cfg.steps_per_rollout()]
     assert evals[-1]["val/reward"] > evals[0]["val/reward"], evals

@@ -23,6 +23,24 @@ class Outer(StrictModel):
     items: list[dict] = Field(default_factory=list)
 
 
+class StageLike(StrictModel):
+    inner: Inner = Field(default_factory=lambda: Inner(ratio=0.9))  # the stage's own default
+
+
+def test_a_section_given_in_part_keeps_the_stage_defaults_it_does_not_name(tmp_path):
+    assert StageLike().inner.ratio == 0.9
+    cfg = build_config(StageLike, overrides=["inner.min_chars=3"])
+    assert (cfg.inner.min_chars, cfg.inner.ratio) == (3, 0.9)  # not the section class's 0.5
+    assert StageLike.model_validate({"inner": {"ratio": 0.1}}).inner.ratio == 0.1
+    from train.grpo import GRPOConfig
+    from train.ppo import PPOConfig
+
+    rl = GRPOConfig.model_validate({"output": "o", "optim": {"lr": 1e-4}})
+    assert (rl.optim.lr, rl.optim.weight_decay, rl.optim.min_lr_ratio) == (1e-4, 0.0, 1.0)
+    ppo = PPOConfig.model_validate({"output": "o", "policy": {"clip": 0.1}})
+    assert (ppo.policy.clip, ppo.policy.kl_estimator, ppo.policy.epochs) == (0.1, "k1", 2)
+
+
 def test_yaml_then_flags_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("name: fromfile\ninner:\n  min_chars: 5\n", encoding="utf-8")
