@@ -6,7 +6,8 @@
 #
 #   bash bench/sft_quality.sh [WORKDIR]      (about 30 minutes on 2 cores)
 #
-# Knobs (environment): PRETRAIN_STEPS, SFT_EPOCHS, DIM, LAYERS, SEQ, MAX_NEW.
+# Knobs (environment): PRETRAIN_STEPS, SFT_EPOCHS, DIM, LAYERS, SEQ, MAX_NEW, EVAL_EVERY, PRECISION
+# (fp32, or amp_bf16: bf16 autocast, several times faster on CPUs with AMX-BF16).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -17,6 +18,8 @@ DIM=${DIM:-256}
 LAYERS=${LAYERS:-4}
 SEQ=${SEQ:-512}
 MAX_NEW=${MAX_NEW:-448}
+PRECISION=${PRECISION:-fp32}
+EVAL_EVERY=${EVAL_EVERY:-100}
 mkdir -p "$W"
 P=$DATA/pretrain
 time python3 -m zerolm data run --output "$W/clean" \
@@ -30,11 +33,13 @@ time python3 -m zerolm train pretrain --data "$W/tokens" --output "$W/base" --pr
   --set model.overrides.dim=$DIM --set model.overrides.n_layers=$LAYERS --set model.overrides.n_heads=4 \
   --set model.overrides.n_kv_heads=2 --set model.overrides.max_seq_len=1024 \
   --set data.seq_len=$SEQ --set data.micro_batch_size=8 --set max_steps=$PRETRAIN_STEPS --set optim.lr=2e-3 \
-  --set eval.every=0 --set checkpoint.every=0 --set log_every=100 --set scaling.launcher=local
+  --set eval.every=0 --set checkpoint.every=0 --set log_every=100 --set scaling.launcher=local \
+  --set deepspeed.precision=$PRECISION
 time python3 -m zerolm train sft --init "$W/base" --data "$DATA/sft/*.json" "$DATA/sft/*.jsonl" --output "$W/chat" \
   --set data.seq_len=$SEQ --set data.micro_batch_size=8 --set epochs=$SFT_EPOCHS --set optim.lr=1e-3 \
-  --set 'data.placeholders={name: Zero, author: zerolm}' --set eval.every=100 --set eval.generate=64 \
-  --set eval.max_new_tokens=$MAX_NEW --set checkpoint.every=0 --set log_every=50 --set scaling.launcher=local
+  --set 'data.placeholders={name: Zero, author: zerolm}' --set eval.every=$EVAL_EVERY --set eval.generate=64 \
+  --set eval.max_new_tokens=$MAX_NEW --set checkpoint.every=0 --set log_every=50 --set scaling.launcher=local \
+  --set deepspeed.precision=$PRECISION
 python3 - "$W/chat" <<'EOF'
 import json, sys
 from pathlib import Path

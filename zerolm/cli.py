@@ -342,7 +342,7 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="stop after evaluation instead of serving the model")
     demo.add_argument("--port", type=int, default=8000, help="port of the demo server (default 8000)")
     demo.add_argument("--rl", action="store_true",
-                      help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~10 more minutes)")
+                      help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~4 more minutes)")
     demo.set_defaults(func=cmd_demo)
 
     submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job")
