@@ -223,7 +223,12 @@ def _valid_utf8(raw: bytes) -> bool:
         return False
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: int, **where) -> None:
+    if where.get("offset") == 0 and raw.startswith(_BOM):  # a UTF-8 byte-order mark opens the file, not the record
+        raw = raw[len(_BOM):]
     if oversized:
         rows.reject("record_too_large", f"record larger than max_record_bytes={max_bytes}", raw, **where)
         return
@@ -277,7 +282,7 @@ def _read_json_array(fs, task, spec, rows: _Rows, max_bytes: int) -> None:
         rows.reject("empty_file", "file is empty")
         return
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is accepted
     except UnicodeDecodeError as exc:
         rows.reject("invalid_utf8", f"invalid UTF-8 at byte {exc.start}", raw[max(0, exc.start - 64):])
         return

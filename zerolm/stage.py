@@ -38,7 +38,7 @@ class StageDir:
     def done_info(self) -> dict | None:
         try:
             return json.loads(self.success_file.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):  # (path a file: begin() says so)
             return None
 
     def is_done(self) -> bool:

@@ -103,6 +103,22 @@ def test_bad_jsonl_lines_are_rejected_with_line_numbers(tmp_path):
     assert all(bad["_file"] == str(p))
 
 
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "b.json").write_bytes(bom + b'[{"text": "in an array"}]')
+    (tmp_path / "c.txt").write_bytes(bom + "第一行\nsecond line\n".encode("utf-8"))
+    df, _ = read_all(tmp_path / "a.jsonl")
+    assert docs(df)["text"].tolist() == ["first", "second"] and rejects(df).empty
+    df, _ = read_all(tmp_path / "b.json")
+    assert docs(df)["text"].tolist() == ["in an array"] and rejects(df).empty
+    df, _ = read_all(tmp_path / "c.txt")
+    assert docs(df)["text"].tolist() == ["第一行", "second line"]
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "x"}\n' + bom + b'{"text": "y"}\n')  # not at the start: still bad
+    df, _ = read_all(tmp_path / "d.jsonl")
+    assert docs(df)["text"].tolist() == ["x"] and rejects(df)["_drop"].tolist() == ["read:bad_json"]
+
+
 def test_reject_line_numbers_in_later_chunks(tmp_path):
     p = tmp_path / "big.jsonl"
     rows = [json.dumps({"text": f"document number {i} " * 20}) for i in range(3000)]

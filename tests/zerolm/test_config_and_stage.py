@@ -104,3 +104,12 @@ def test_never_deletes_a_foreign_folder(tmp_path):
     with pytest.raises(UserError, match="not written by zerolm"):
         StageDir(tmp_path, "data", "h").begin(overwrite=True)
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_an_output_that_is_a_file_is_a_one_line_error_and_the_file_is_kept(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("precious", encoding="utf-8")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="exists and is not a folder"):
+            StageDir(f, "data", "h").begin(overwrite=overwrite)
+    assert f.read_text() == "precious"
