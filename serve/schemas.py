@@ -13,6 +13,19 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def _utf8(value):
+    """Strings of a request must be encodable: JSON's "\\ud800" escape decodes to a lone
+    surrogate, which no tokenizer can encode (a 400 here, not a 500 later)."""
+    for s in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+        if isinstance(s, str):
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"text holds a lone surrogate (\\u{ord(s[exc.start]):04x}) at character "
+                                 f"{exc.start}") from None
+    return value
+
+
 class SamplingFields(_Lenient):
     model: str
     max_tokens: Optional[int] = Field(default=None, ge=0)
@@ -34,7 +47,7 @@ class SamplingFields(_Lenient):
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > 8 or any(len(s) > 200 for s in stops):
             raise ValueError("at most 8 stop strings of at most 200 characters")
-        return stops
+        return _utf8(stops)
 
 
 Prompt = Union[str, list[str], list[int], list[list[int]]]
@@ -43,6 +56,7 @@ Prompt = Union[str, list[str], list[int], list[list[int]]]
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     echo: bool = False
+    _prompt_text = field_validator("prompt")(classmethod(lambda cls, v: _utf8(v)))
     logprobs: Optional[int] = Field(default=None, ge=0, le=20)
     max_tokens: Optional[int] = Field(default=16, ge=0)  # OpenAI's default for completions
 
@@ -51,9 +65,25 @@ class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[dict], None] = ""
 
+    @field_validator("content")
+    @classmethod
+    def _parts(cls, value):
+        """A string, or OpenAI's content parts [{"type": "text", "text": "..."}]; a text
+        part's text must be a string; other part types (images, audio) are refused."""
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type", "text")
+                if kind != "text":
+                    raise ValueError(f"content part {i}: type {kind!r} is not supported (text only)")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError(f"content part {i}: 'text' must be a string, got "
+                                     f"{type(part.get('text')).__name__}")
+                _utf8(part["text"])
+        return _utf8(value)
+
     def text(self) -> str:
         if isinstance(self.content, list):  # [{"type": "text", "text": ...}, ...]
-            return "".join(part.get("text", "") for part in self.content if isinstance(part, dict))
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
@@ -68,6 +98,7 @@ class TokenizeRequest(_Lenient):
     model: Optional[str] = None
     prompt: Optional[str] = None
     text: Optional[str] = None  # accepted as a synonym of prompt
+    _strings = field_validator("prompt", "text")(classmethod(lambda cls, v: _utf8(v)))
 
 
 class DetokenizeRequest(_Lenient):

@@ -86,6 +86,28 @@ def test_typed_errors(client, server):
     assert r.status_code == 200
 
 
+def test_bad_content_parts_and_lone_surrogates_are_400s_and_the_connection_lives_on(server):
+    surrogate = '"a\\ud800b"'  # JSON text whose string decodes to a lone surrogate
+    bad_bodies = [
+        *(b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": %s}]}]}' % v
+          for v in (b"5", b"null", b"[1]", b'{"a": 1}', surrogate.encode())),
+        b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": %s}]}' % surrogate.encode(),
+        b'{"model": "tiny", "prompt": %s, "max_tokens": 1}' % surrogate.encode(),
+        b'{"model": "tiny", "prompt": "x", "stop": [%s], "max_tokens": 1}' % surrogate.encode(),
+    ]
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    with httpx.Client(base_url=server, headers=headers, timeout=60) as session:  # one keep-alive connection
+        for body in bad_bodies:
+            path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+            r = session.post(path, content=body)
+            assert r.status_code == 400, (body, r.status_code, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            ok = session.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "你好"}]}]})
+            assert ok.status_code == 200, ok.text
+
+
 def test_echo_logprobs_layout_for_lm_eval(server):
     ids = post(server, "/tokenize", {"model": "tiny", "prompt": "中共中央总书记江泽民"}).json()["tokens"]
     r = post(server, "/v1/completions", {"model": "tiny", "prompt": [ids], "max_tokens": 0, "echo": True,
