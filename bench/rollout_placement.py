@@ -61,14 +61,10 @@ class Setup:
 
     def update(self, requests, outputs: list[list[int]]) -> None:
         from train.losses import IGNORE_INDEX
+        from train.rl import answer_tensors
 
         seqs = [list(q.prompt_ids) + list(o) for q, o in zip(requests, outputs)]
-        T = max(len(s) for s in seqs) - 1
-        x = torch.full((len(seqs), T), self.chat.pad_id, dtype=torch.long)
-        y = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (s, q) in enumerate(zip(seqs, requests)):
-            x[i, :len(s) - 1] = torch.tensor(s[:-1])
-            y[i, len(q.prompt_ids) - 1:len(s) - 1] = torch.tensor(s[len(q.prompt_ids):])
+        x, y, _ = answer_tensors(seqs, [len(q.prompt_ids) for q in requests], self.chat.pad_id)
         adv = torch.linspace(-1, 1, len(seqs))[:, None]  # any advantages: the cost is the same
         _, nll = self.model(x, y, reduction="none")
         ((nll * adv).sum() / (y != IGNORE_INDEX).sum()).backward()

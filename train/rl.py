@@ -172,6 +172,20 @@ def prepare_prompts(cfg: RLConfig, chat: ChatTokenizer, echo=print):
     return Prompts(train), Prompts(val), stats, rejects, files
 
 
+def answer_tensors(seqs: list[list[int]], starts: list[int], pad_id: int):
+    """Prompt + answer token lists -> inputs x, targets y (the answer's tokens only,
+    IGNORE_INDEX elsewhere) and `real` (1 on non-padding inputs), each (N, T)."""
+    N, T = len(seqs), max(len(s) for s in seqs) - 1
+    x = torch.full((N, T), pad_id, dtype=torch.long)
+    y = torch.full((N, T), IGNORE_INDEX, dtype=torch.long)
+    real = torch.zeros(N, T)
+    for i, (s, p0) in enumerate(zip(seqs, starts)):
+        x[i, :len(s) - 1] = torch.tensor(s[:-1])
+        y[i, p0 - 1:len(s) - 1] = torch.tensor(s[p0:])
+        real[i, :len(s) - 1] = 1
+    return x, y, real
+
+
 class RLStage(FineTuneStage):
     """grpo and ppo: --init, --prompts, --reward."""
 
@@ -347,16 +361,8 @@ class RLTask:
             prompt = prompts[k // G]["ids"]
             seqs.append(list(prompt) + answer)
             starts.append(len(prompt))
-        T = max(len(s) for s in seqs) - 1
-        N = len(seqs)
-        dev = self.ctx.device
-        x = torch.full((N, T), self.chat.pad_id, dtype=torch.long)
-        y = torch.full((N, T), IGNORE_INDEX, dtype=torch.long)
-        real = torch.zeros(N, T)
-        for i, (s, p0) in enumerate(zip(seqs, starts)):
-            x[i, :len(s) - 1] = torch.tensor(s[:-1])
-            y[i, p0 - 1:len(s) - 1] = torch.tensor(s[p0:])  # targets: the answer's tokens only
-            real[i, :len(s) - 1] = 1
+        N, dev = len(seqs), self.ctx.device
+        x, y, real = answer_tensors(seqs, starts, self.chat.pad_id)
         data = {"x": x.to(dev), "y": y.to(dev), "real": real.to(dev), "mask": (y != IGNORE_INDEX).float().to(dev),
                 "rewards": torch.tensor(rewards, dtype=torch.float32, device=dev)}
         with frozen_autocast(self.cfg, dev):
