@@ -51,4 +51,7 @@ class KeepMinId(Step):
             if len(dup_rows):
                 batch.iloc[dup_rows, batch.columns.get_loc(DROP)] = f"{self.name}:{self.reason}"
                 batch.iloc[dup_rows, batch.columns.get_loc(TEXT)] = ""
+        # A shuffled partition's rows arrive in whatever order the map tasks finished:
+        # sorted by id, the stage writes identical files on every run.
+        batch = batch.sort_values(ID, kind="mergesort", ignore_index=True)
         return batch.drop(columns=[HASH])

@@ -1,13 +1,15 @@
 """Writing a data stage's rows: kept documents to data/, rejects to rejects/, and the
 counts that become stats.json.
 
-`write_rows` is plain pyarrow (no ray) and deterministic in its file names, so a
-retried Ray task overwrites its own files instead of adding duplicates. `CorpusSink`
+`write_rows` is plain pyarrow (no ray) and names its files from the rows' ids
+(`content_tag`), so a retried Ray task overwrites its own files instead of adding
+duplicates, and two runs write the same files. `CorpusSink`
 is the Ray Data adapter around it (imported from dataproc.pipeline only).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -64,6 +66,17 @@ def _ints(series: pd.Series) -> list:
     return [None if pd.isna(v) else int(v) for v in series.tolist()]
 
 
+def content_tag(batch: pd.DataFrame) -> str:
+    """A file name part from the block's ids. Not the Ray task index: which task writes
+    which partition after a shuffle differs between runs, and the files' names fix the
+    order in which later stages (tokenizer, pack) read the corpus. The same block, as
+    in a retried task, gets the same name and overwrites its own files."""
+    digest = hashlib.blake2b(digest_size=8)
+    for i in batch[ID].astype(str):
+        digest.update(i.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
 def _write_parquet(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -80,8 +93,8 @@ def make_sink(out_dir: str, rows_per_file: int):
             self.out_dir, self.rows_per_file, self.parts = out_dir, rows_per_file, []
 
         def write(self, blocks, ctx) -> dict:
-            parts = [write_rows(_to_pandas(b), self.out_dir, f"{ctx.task_idx:05d}-{i:04d}", self.rows_per_file)
-                     for i, b in enumerate(blocks) if b is not None]
+            frames = [_to_pandas(b) for b in blocks if b is not None]
+            parts = [write_rows(f, self.out_dir, content_tag(f), self.rows_per_file) for f in frames]
             # One merged dict per task keeps what travels back to the driver small.
             return plain_counts(merge_counts(parts))
 

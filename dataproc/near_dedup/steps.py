@@ -242,4 +242,5 @@ class Mark:
                 text = pc.if_else(removed, pa.scalar(""), table[TEXT])
                 table = table.set_column(table.column_names.index(DROP), DROP, drop)
                 table = table.set_column(table.column_names.index(TEXT), TEXT, text)
+        table = table.take(pc.sort_indices(table, sort_keys=[(ID, "ascending")]))  # same files on every run
         return table.drop_columns([c for c in HELPER_COLUMNS if c in table.column_names])
