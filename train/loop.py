@@ -215,6 +215,7 @@ def run_training(cfg: StageConfig, task: Task, ctx: WorkerContext, run_dir, tota
         start, tokens_seen = meta["step"], float(meta["tokens_seen"])
         if ctx.is_main:
             echo(f"resumed from {latest[1]} (step {start}, {meta['tokens_seen']:,.0f} tokens seen)")
+    logger.begin(start)
     peak = cfg.peak_tflops or detect_peak_tflops(ctx.device)
     flops_per_token = task.flops_per_token()
 

@@ -135,10 +135,11 @@ def _owner_hash(run_dir: Path) -> str | None:
         return None
 
 
-def check_resumable(run_dir: Path, num_workers: int) -> None:
-    """A checkpoint holds one optimizer shard and one data position per rank: refuse
-    a different number of workers here, before any worker starts."""
-    latest = checkpoint.latest_checkpoint(run_dir)
+def check_resumable(run_dir: Path, num_workers: int, echo=print) -> None:
+    """Before any worker starts: set broken checkpoints aside (checkpoint.set_aside_broken);
+    a checkpoint holds one optimizer shard and one data position per rank, so refuse a
+    different number of workers."""
+    latest = checkpoint.set_aside_broken(run_dir, warn=echo)
     if latest is None:
         return
     meta = json.loads((latest[1] / "meta.json").read_text(encoding="utf-8"))
@@ -187,7 +188,7 @@ def run_stage(name: str, cfg: StageConfig, *, overwrite: bool = False, echo=prin
         return json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
     started = _owner_hash(run_dir)
     if started == stage_dir.config_hash and not overwrite:
-        check_resumable(run_dir, cfg.scaling.num_workers)  # the same run, interrupted: resume
+        check_resumable(run_dir, cfg.scaling.num_workers, echo)  # the same run, interrupted: resume
     elif started is not None and not overwrite:
         _refuse_other_config(run_dir, cfg, name)
     else:
@@ -217,7 +218,8 @@ def consolidated_state_dict(engine, run_dir: Path, zero_stage: int) -> dict:
     if zero_stage > 0 and latest is not None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(latest[1].parent), tag=latest[1].name)
+        with checkpoint.weights_only_loads():
+            return get_fp32_state_dict_from_zero_checkpoint(str(latest[1].parent), tag=latest[1].name)
     return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
 
 
