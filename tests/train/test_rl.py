@@ -2,8 +2,8 @@
 
 The session's tiny pretrained model is fine-tuned on generated arithmetic problems
 until it answers 30% of them right (not all: there must be something to learn);
-then GRPO and PPO run 200 rollouts with the verifiable arithmetic reward (rewards,
-losses and a bounded KL checked; the rise is measured, not reliable on this model).
+then GRPO and PPO run 200 rollouts with the verifiable arithmetic reward and must
+raise it, with a bounded KL.
 PPO and GRPO must raise the format reward of the session's chat model. Both stages run under Ray Train + DeepSpeed ZeRO-2 on 2 CPU
 workers, and their exports load in transformers."""
 
@@ -127,28 +127,28 @@ def quarter_means(curve: list[float]) -> tuple[float, float]:
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
 def test_rl_raises_the_verifiable_arithmetic_reward_with_bounded_kl(stage, arithmetic_model, arithmetic_files,
                                                                      tmp_path):
-    """200 rollouts of 8 problems x 8 sampled answers. Measured in 5 GRPO runs (models,
-    seeds and schedules varied): the logged reward's first-quarter mean 0.23-0.37, last
-    quarter 0.34-0.62; held-out greedy reward 0.25-0.35 before, 0.38-0.65 after; KL
-    under 1.1. PPO in 3 runs: 0.24 -> 0.48, 0.26 -> 0.41, 0.32 -> 0.57, KL under 0.24.
-    From a weaker start (a model at 0.19 held out, stopped at 0.25 on its own prompts)
-    the gain was small: GRPO 0.16 -> 0.20, PPO 0.15 -> 0.21, the held-out greedy reward
-    flat; and in one more session's model (30% stop) flat: 0.178 -> 0.175. So this
-    checks the mechanics over a long run; the rule reward's rise is asserted above."""
+    """200 rollouts of 8 problems x 8 sampled answers; the logged reward's last quarter
+    beats its first. The session's models are reproducible (the data stages write
+    identical files, training is seeded), so this model is the same in every session on
+    a machine. Measured on it (first -> last quarter of the sampled reward): GRPO lr 3e-4
+    0.22 -> 0.27, 5e-4 0.22 -> 0.29, 1e-3 0.20 -> 0.24, 3e-4 for 400 rollouts
+    0.22 -> 0.30, 3e-4 without KL 0.23 -> 0.29; PPO 3e-4 0.24 -> 0.29, 1e-3 0.24 -> 0.32.
+    Held-out greedy reward on 48 problems: 0.23 before, 0.23-0.27 after (too few
+    problems, and a 0.25M model, to assert). Before the data stages were reproducible,
+    one session's model stayed flat (0.178 -> 0.175): the margin here is small."""
     out = tmp_path / stage
     cfg = rl_cfg(stage, arithmetic_model, arithmetic_files[1], out, rollouts=200,
-                 optim={"lr": 1e-3, "min_lr_ratio": 0.1}, log_every=20, eval={"every": 0})
+                 optim={"lr": {"grpo": 5e-4, "ppo": 1e-3}[stage], "min_lr_ratio": 0.1},
+                 log_every=10, eval={"every": 0})
     run_stage(stage, cfg, **QUIET)
     evals, train = metrics(out, "eval"), metrics(out, "train")
-    curve = [r["reward"] for r in train if "reward" in r]  # each a mean over 20 steps' rollouts
+    curve = [r["reward"] for r in train if "reward" in r]  # each a mean over 10 steps' rollouts
     first, last = quarter_means(curve)
     assert 0 < evals[0]["val/reward"] < 0.6, evals  # something right, much to learn
-    # Not asserted: a rise. It is not reliable on this 0.25M model (see above); the
-    # curve is kept in the run's metrics for the record.
-    assert 0 < first < 0.75, curve
+    assert 0 < first < 0.75 and last >= first + 0.03, curve
     assert [e["step"] for e in evals] == [0, cfg.rollouts * cfg.steps_per_rollout()]
     assert all(0 <= r["reward"] <= 1 for r in train if "reward" in r)
-    assert all(math.isfinite(r["loss"]) and r["kl"] < 1.5 for r in train), [r["kl"] for r in train]
+    assert all(math.isfinite(r["loss"]) and r["kl"] < 1.0 for r in train), [r["kl"] for r in train]
 
 
 @pytest.mark.slow
