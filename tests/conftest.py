@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("ZEROLM_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            # In CI a skipped suite would read as green: missing data is a failure there.
+            pytest.fail(f"CI: real test data not found at {SHARED_DATA}", pytrace=False)
         pytest.skip(f"real test data not found at {SHARED_DATA}")
     return SHARED_DATA
 
