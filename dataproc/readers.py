@@ -248,7 +248,23 @@ def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: 
     except json.JSONDecodeError as exc:
         rows.reject("bad_json", f"{exc.msg} at column {exc.colno}", raw, **where)
         return
+    except RecursionError:  # json's decoder recurses per nesting level
+        rows.reject("bad_json", _TOO_DEEP, raw, **where)
+        return
     _emit_value(rows, value, spec, raw, **where)
+
+
+_TOO_DEEP = "JSON nested too deeply to parse"
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate (JSON's "\\ud800" escapes decode to one);
+    such a string is not Unicode text and cannot be written as UTF-8."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return exc.start
 
 
 def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
@@ -264,6 +280,10 @@ def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
             return
         if not isinstance(part, str):
             rows.reject("bad_type", f"field {name!r} is {type(part).__name__}, expected string", raw, **where)
+            return
+        bad = _lone_surrogate(part)
+        if bad is not None:
+            rows.reject("invalid_unicode", f"field {name!r} has a lone surrogate at character {bad}", raw, **where)
             return
         parts.append(part)
     rows.doc(where["key"], spec["join_with"].join(parts))
@@ -290,11 +310,15 @@ def _read_json_array(fs, task, spec, rows: _Rows, max_bytes: int) -> None:
         rows.reject("bad_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}",
                     raw[max(0, exc.pos - 64):], line=exc.lineno, offset=exc.pos)
         return
+    except RecursionError:
+        rows.reject("bad_json", _TOO_DEEP, raw[:256])
+        return
     items = data if isinstance(data, list) else [data]
     for i, value in enumerate(items):
         item_raw = None
         if not (isinstance(value, dict) and all(isinstance(value.get(f), str) for f in _fields(spec))):
-            item_raw = json.dumps(value, ensure_ascii=False).encode("utf-8")
+            # ensure_ascii: a lone surrogate stays an escape, so the raw bytes are valid UTF-8
+            item_raw = json.dumps(value).encode("utf-8")
         _emit_value(rows, value, spec, item_raw, key=f"#{i}", line=None, offset=None)
 
 
