@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -43,14 +44,44 @@ from zerolm.stage import StageDir, write_json_atomic
 STAGE = "data"
 
 
-class ReadTasks:
-    """map_batches callable: a batch of planned tasks -> their rows."""
+READ_COUNTS = ".read_counts"
 
-    def __init__(self, max_record_bytes: int, raw_cap: int):
-        self.max_record_bytes, self.raw_cap = max_record_bytes, raw_cap
+
+class ReadTasks:
+    """map_batches callable: a batch of planned tasks -> their rows. Each task also
+    writes how many rows it read per source to OUT/.read_counts/ (named by the task, so
+    a retried task overwrites its own file): rows_in is counted where rows are read,
+    independently of the writer's counts, and `check_accounting` compares the two."""
+
+    def __init__(self, max_record_bytes: int, raw_cap: int, counts_dir: str):
+        self.max_record_bytes, self.raw_cap, self.counts_dir = max_record_bytes, raw_cap, counts_dir
 
     def __call__(self, tasks: pa.Table) -> pa.Table:
-        return pa.concat_tables([read_task(t, self.max_record_bytes, self.raw_cap) for t in tasks.to_pylist()])
+        tables = []
+        for t in tasks.to_pylist():
+            table = read_task(t, self.max_record_bytes, self.raw_cap)
+            sources = table.column("source").to_pylist()
+            counts = {s: sources.count(s) for s in set(sources)}
+            name = hashlib.blake2b(json.dumps([t["fs_uri"], t["path"], t["start"]]).encode(), digest_size=12)
+            Path(self.counts_dir).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(self.counts_dir) / f"{name.hexdigest()}.json", counts)
+            tables.append(table)
+        return pa.concat_tables(tables)
+
+
+def check_accounting(stats: dict, counts_dir: Path) -> None:
+    """rows_in as the read tasks counted it must equal rows_out + dropped + rejected as
+    the writer counted them, per source; a step that lost or duplicated rows fails the
+    stage here (no _SUCCESS) instead of reporting numbers that cannot be trusted."""
+    read: dict = {}
+    for f in counts_dir.glob("*.json"):
+        for source, n in json.loads(f.read_text(encoding="utf-8")).items():
+            read[source] = read.get(source, 0) + n
+    written = {s: v["rows_in"] for s, v in stats["sources"].items()}
+    if {s: n for s, n in read.items() if n} != {s: n for s, n in written.items() if n}:
+        diff = ", ".join(f"{s}: read {read.get(s, 0)}, written {written.get(s, 0)}"
+                         for s in sorted(set(read) | set(written)) if read.get(s, 0) != written.get(s, 0))
+        raise RuntimeError(f"data stage accounting broken (rows read != rows written + dropped + rejected): {diff}")
 
 
 class StepChain(Step):
@@ -121,7 +152,8 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     started = time.time()
     rows = [t.to_row() for t in tasks]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    ds = ds.map_batches(ReadTasks(cfg.read.max_record_bytes, cfg.read.reject_raw_bytes),
+    counts_dir = out.path.resolve() / READ_COUNTS
+    ds = ds.map_batches(ReadTasks(cfg.read.max_record_bytes, cfg.read.reject_raw_bytes, str(counts_dir)),
                         batch_size=1, batch_format="pyarrow")
     steps: list[Step] = [Normalizer(cfg.normalize)] if cfg.normalize.enabled else []
     steps += build_filters(cfg.filters)
@@ -152,6 +184,8 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     ds.write_datasink(sink)
 
     stats = build_stats(sink.parts, step_order(cfg))
+    check_accounting(stats, counts_dir)
+    shutil.rmtree(counts_dir, ignore_errors=True)
     if cfg.near_dedup.method != "off":
         stats["near_dedup"] = near_info  # band layout, edges, components path/rounds
     stats.update(elapsed_s=round(time.time() - started, 2), read_tasks=len(tasks), config_hash=chash,

@@ -3,8 +3,10 @@ write tasks, plus the human summary table.
 
 The invariant every data stage keeps, per source and overall:
     rows_in = rows_out + sum(dropped.values()) + rejected
-Rows are counted where they are written, from the DROP column, so a row cannot be
-counted twice or lost between steps.
+Rows are counted where they are written, from the DROP column; the read tasks count
+what they read on their own (dataproc.pipeline.ReadTasks), and the stage fails if the
+two disagree for any source (pipeline.check_accounting), so a row lost or duplicated
+between steps cannot go unnoticed.
 """
 
 from __future__ import annotations

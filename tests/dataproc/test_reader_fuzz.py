@@ -114,3 +114,16 @@ def test_data_run_over_fuzzed_files_keeps_its_accounting(ray_session, tmp_path):
     data = pq.read_table(tmp_path / "out" / "data").num_rows
     assert stats["rows_in"] == expected and stats["rejected"] == rejects and stats["rows_out"] == data
     assert stats["rows_in"] == stats["rows_out"] + stats["rejected"] + sum(stats["dropped"].values())
+    assert not (tmp_path / "out" / ".read_counts").exists()
+
+
+def test_accounting_check_fails_a_stage_that_lost_rows(tmp_path):
+    from dataproc.pipeline import check_accounting
+
+    (tmp_path / "a.json").write_text(json.dumps({"s": 7, "t": 2}))
+    (tmp_path / "b.json").write_text(json.dumps({"s": 3}))
+    check_accounting({"sources": {"s": {"rows_in": 10}, "t": {"rows_in": 2}}}, tmp_path)
+    with pytest.raises(RuntimeError, match="s: read 10, written 9"):
+        check_accounting({"sources": {"s": {"rows_in": 9}, "t": {"rows_in": 2}}}, tmp_path)
+    with pytest.raises(RuntimeError, match="t: read 2, written 0"):
+        check_accounting({"sources": {"s": {"rows_in": 10}}}, tmp_path)
