@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from serve import openai_api as oa
 from serve.engine_process import EngineDied
@@ -20,7 +21,8 @@ from serve.registry import Registry, ServedModel
 from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, EvaluationRequest,
                            RewardRequest, TokenizeRequest)
 
-OPEN_ROUTES = {"/health", "/metrics"}  # reachable without the API key (probes, scrapers)
+OPEN_ROUTES = {"/health"}  # reachable without the API key (liveness probes); /metrics needs it
+UNMATCHED = "unmatched"  # the route label of any path no route serves
 
 
 class Metrics:
@@ -91,9 +93,18 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
     m = metrics or Metrics()
     app.state.metrics, app.state.registry = m, registry
 
+    def route_of(request: Request) -> str:
+        """The route's template, never the raw path: one label per route, so requests to
+        unknown paths cannot grow /metrics (each raw path would be a new time series)."""
+        for r in app.router.routes:
+            match, _ = r.matches(request.scope)
+            if match == Match.FULL:
+                return getattr(r, "path", UNMATCHED)
+        return UNMATCHED
+
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        started, route = time.time(), request.url.path
+        started, route = time.time(), route_of(request)
         if api_key and route not in OPEN_ROUTES:
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {api_key}":
@@ -104,7 +115,11 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             m.requests.labels(route, "400").inc()
             return _error(400, f"request body over {max_body_bytes} bytes", code="body_too_large")
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered 500 by the handler outside this middleware: count it here
+            m.requests.labels(route, "500").inc()
+            raise
         m.requests.labels(route, str(response.status_code)).inc()
         m.latency.labels(route).observe(time.time() - started)
         return response
