@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections import Counter
 import time
 from pathlib import Path
 
@@ -60,8 +61,7 @@ class ReadTasks:
         tables = []
         for t in tasks.to_pylist():
             table = read_task(t, self.max_record_bytes, self.raw_cap)
-            sources = table.column("source").to_pylist()
-            counts = {s: sources.count(s) for s in set(sources)}
+            counts = dict(Counter(table.column("source").to_pylist()))
             name = hashlib.blake2b(json.dumps([t["fs_uri"], t["path"], t["start"]]).encode(), digest_size=12)
             Path(self.counts_dir).mkdir(parents=True, exist_ok=True)
             write_json_atomic(Path(self.counts_dir) / f"{name.hexdigest()}.json", counts)

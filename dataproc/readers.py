@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from dataproc.base import CHARS_IN, DROP, ID, R_DETAIL, R_FILE, R_LINE, R_OFFSET, R_RAW, REJECT_PREFIX, SOURCE, TEXT
 from dataproc.sources import filesystem_for
+from zerolm.text import lone_surrogate
 
 SCHEMA = pa.schema([
     (ID, pa.string()), (TEXT, pa.string()), (SOURCE, pa.string()), (DROP, pa.string()), (CHARS_IN, pa.int64()),
@@ -257,16 +258,6 @@ def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: 
 _TOO_DEEP = "JSON nested too deeply to parse"
 
 
-def _lone_surrogate(text: str) -> int | None:
-    """Index of the first lone surrogate (JSON's "\\ud800" escapes decode to one);
-    such a string is not Unicode text and cannot be written as UTF-8."""
-    try:
-        text.encode("utf-8")
-        return None
-    except UnicodeEncodeError as exc:
-        return exc.start
-
-
 def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
     if not isinstance(value, dict):
         rows.reject("bad_type", f"record is a JSON {type(value).__name__}, expected an object", raw, **where)
@@ -281,7 +272,7 @@ def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
         if not isinstance(part, str):
             rows.reject("bad_type", f"field {name!r} is {type(part).__name__}, expected string", raw, **where)
             return
-        bad = _lone_surrogate(part)
+        bad = lone_surrogate(part)
         if bad is not None:
             rows.reject("invalid_unicode", f"field {name!r} has a lone surrogate at character {bad}", raw, **where)
             return

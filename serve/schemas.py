@@ -8,6 +8,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from zerolm.text import lone_surrogate
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -17,12 +19,9 @@ def _utf8(value):
     """Strings of a request must be encodable: JSON's "\\ud800" escape decodes to a lone
     surrogate, which no tokenizer can encode (a 400 here, not a 500 later)."""
     for s in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
-        if isinstance(s, str):
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise ValueError(f"text holds a lone surrogate (\\u{ord(s[exc.start]):04x}) at character "
-                                 f"{exc.start}") from None
+        bad = lone_surrogate(s) if isinstance(s, str) else None
+        if bad is not None:
+            raise ValueError(f"text holds a lone surrogate (\\u{ord(s[bad]):04x}) at character {bad}")
     return value
 
 
