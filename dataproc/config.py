@@ -11,6 +11,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
+from dataproc.encodings import candidates
 from dataproc.filters import FiltersConfig
 from dataproc.near_dedup.config import NearDedupConfig
 from dataproc.normalize import NormalizeConfig
@@ -51,6 +52,16 @@ class ReadConfig(StrictModel):
     max_record_bytes: int = Field(default=8 << 20, ge=1024)
     # How many raw bytes of a rejected record are kept in rejects/ for inspection.
     reject_raw_bytes: int = Field(default=4096, ge=0)
+    # Text encoding of jsonl/json/txt files, chosen per file from its head: "utf-8",
+    # "auto" (= [utf-8, gb18030, cp1252]) or a list tried in order. A byte-order mark
+    # always wins (UTF-16/32 files with one are text). stats.json reports the choices.
+    encoding: Union[str, list[str]] = "utf-8"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encodings(cls, value):
+        candidates(value)  # unknown codec names fail at config time, not on a worker
+        return value
 
 
 class ExactDedupConfig(StrictModel):

@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from dataproc.base import Step
-from dataproc.config import DataRunConfig
+from dataproc.config import DataRunConfig, ReadConfig
 from dataproc.dedup_exact import HASH, AddHashKey, KeepMinId
 from dataproc.filters import build_filters
 from dataproc.near_dedup.job import near_dedup
@@ -54,28 +54,48 @@ class ReadTasks:
     a retried task overwrites its own file): rows_in is counted where rows are read,
     independently of the writer's counts, and `check_accounting` compares the two."""
 
-    def __init__(self, max_record_bytes: int, raw_cap: int, counts_dir: str):
-        self.max_record_bytes, self.raw_cap, self.counts_dir = max_record_bytes, raw_cap, counts_dir
+    def __init__(self, read: ReadConfig, counts_dir: str):
+        self.read, self.counts_dir = read, counts_dir
 
     def __call__(self, tasks: pa.Table) -> pa.Table:
         tables = []
         for t in tasks.to_pylist():
-            table = read_task(t, self.max_record_bytes, self.raw_cap)
-            counts = dict(Counter(table.column("source").to_pylist()))
+            info: dict = {}
+            table = read_task(t, self.read.max_record_bytes, self.read.reject_raw_bytes, self.read.encoding, info)
+            report = {"rows": dict(Counter(table.column("source").to_pylist()))}
+            if t["start"] == 0 and "encoding" in info:  # one file, one choice: reported by its first task
+                report.update(file=f"{t['source']}/{t['relpath']}", encoding=info["encoding"])
             name = hashlib.blake2b(json.dumps([t["fs_uri"], t["path"], t["start"]]).encode(), digest_size=12)
             Path(self.counts_dir).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(Path(self.counts_dir) / f"{name.hexdigest()}.json", counts)
+            write_json_atomic(Path(self.counts_dir) / f"{name.hexdigest()}.json", report)
             tables.append(table)
         return pa.concat_tables(tables)
 
 
-def check_accounting(stats: dict, counts_dir: Path) -> None:
+def read_reports(counts_dir: Path) -> list[dict]:
+    return [json.loads(f.read_text(encoding="utf-8")) for f in sorted(counts_dir.glob("*.json"))]
+
+
+MAX_LISTED = 100  # files named in stats.json's read section; the counts cover all
+
+
+def read_summary(reports: list[dict], skipped_links: list[dict]) -> dict:
+    """stats.json's `read` section: the encoding chosen per file (counted; files not in
+    UTF-8 named) and the links the file listing skipped."""
+    chosen = {r["file"]: r["encoding"] for r in reports if "encoding" in r}
+    other = {f: e for f, e in sorted(chosen.items()) if e != "utf-8"}
+    return {"encodings": dict(sorted(Counter(chosen.values()).items())),
+            "files_not_utf8": dict(list(other.items())[:MAX_LISTED]),
+            "skipped_links": skipped_links[:MAX_LISTED], "skipped_links_total": len(skipped_links)}
+
+
+def check_accounting(stats: dict, reports: list[dict]) -> None:
     """rows_in as the read tasks counted it must equal rows_out + dropped + rejected as
     the writer counted them, per source; a step that lost or duplicated rows fails the
     stage here (no _SUCCESS) instead of reporting numbers that cannot be trusted."""
     read: dict = {}
-    for f in counts_dir.glob("*.json"):
-        for source, n in json.loads(f.read_text(encoding="utf-8")).items():
+    for report in reports:
+        for source, n in report["rows"].items():
             read[source] = read.get(source, 0) + n
     written = {s: v["rows_in"] for s, v in stats["sources"].items()}
     if {s: n for s, n in read.items() if n} != {s: n for s, n in written.items() if n}:
@@ -127,7 +147,10 @@ def shuffle_strategy(node_cpus: list[float]) -> str:
 def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict:
     if not cfg.output:
         raise UserError("no output folder: give --output DIR")
-    tasks = plan_read_tasks(cfg.read.inputs, cfg.read.chunk_bytes)
+    skipped: list = []  # links the file listing did not follow (stats.json's read section)
+    tasks = plan_read_tasks(cfg.read.inputs, cfg.read.chunk_bytes, skipped)
+    for link in skipped[:5]:
+        echo(f"skipped {link['path']}: {link['why']}")
     fingerprint = hashlib.sha256(
         json.dumps(sorted((t.fs_uri + t.path, t.size, t.mtime) for t in tasks)).encode()
     ).hexdigest()
@@ -153,8 +176,7 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     rows = [t.to_row() for t in tasks]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     counts_dir = out.path.resolve() / READ_COUNTS
-    ds = ds.map_batches(ReadTasks(cfg.read.max_record_bytes, cfg.read.reject_raw_bytes, str(counts_dir)),
-                        batch_size=1, batch_format="pyarrow")
+    ds = ds.map_batches(ReadTasks(cfg.read, str(counts_dir)), batch_size=1, batch_format="pyarrow")
     steps: list[Step] = [Normalizer(cfg.normalize)] if cfg.normalize.enabled else []
     steps += build_filters(cfg.filters)
     if cfg.exact_dedup.enabled:
@@ -184,7 +206,9 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     ds.write_datasink(sink)
 
     stats = build_stats(sink.parts, step_order(cfg))
-    check_accounting(stats, counts_dir)
+    reports = read_reports(counts_dir)
+    check_accounting(stats, reports)
+    stats["read"] = read_summary(reports, skipped)
     shutil.rmtree(counts_dir, ignore_errors=True)
     if cfg.near_dedup.method != "off":
         stats["near_dedup"] = near_info  # band layout, edges, components path/rounds

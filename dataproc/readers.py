@@ -2,9 +2,12 @@
 
 Every record becomes a row of SCHEMA: a document (id, text, source) or a reject (DROP
 = "reject:<reason>" with file, line/row, byte offset, detail and the first raw bytes).
-Nothing raises for bad data: bad JSON, invalid UTF-8, NUL bytes, a missing or
-non-string text field, an empty or binary file, an oversized record, a parquet file
-with the wrong schema all become reject rows, so the writer can count them.
+Nothing raises for bad data: bad JSON, invalid UTF-8 (or text invalid in the file's
+chosen encoding, see dataproc/encodings.py), NUL bytes, a missing or non-string text
+field, an empty or binary file, an oversized record, a parquet file with the wrong
+schema, a truncated or corrupt compressed file (its intact records before the damage
+are kept, see dataproc/decompress.py) all become reject rows, so the writer can count
+them.
 
 Ids are stable: `<source>/<relpath>@<byte offset>` for line/paragraph records and
 `<source>/<relpath>#<row>` for rows of JSON arrays and parquet files.
@@ -19,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataproc.base import CHARS_IN, DROP, ID, R_DETAIL, R_FILE, R_LINE, R_OFFSET, R_RAW, REJECT_PREFIX, SOURCE, TEXT
+from dataproc.decompress import DamagedStream, open_compressed
+from dataproc.encodings import SAMPLE, EncodingSetting, Transcoder, ascii_compatible, bom_of, choose
 from dataproc.sources import filesystem_for
 from zerolm.text import lone_surrogate
 
@@ -62,8 +67,11 @@ class _Rows:
         return pa.table(self.cols, schema=SCHEMA)
 
 
-def read_task(task: dict, max_record_bytes: int, raw_cap: int) -> pa.Table:
-    """Read one planned task (see dataproc.sources.ReadTask) into a table of SCHEMA."""
+def read_task(task: dict, max_record_bytes: int, raw_cap: int, encoding: EncodingSetting = "utf-8",
+              info: dict | None = None) -> pa.Table:
+    """Read one planned task (see dataproc.sources.ReadTask) into a table of SCHEMA.
+    `encoding` is the read.encoding setting (dataproc/encodings.py); the encoding
+    chosen for the file is put in `info["encoding"]` when `info` is given."""
     rows = _Rows(task, raw_cap)
     fs = filesystem_for(task["fs_uri"])
     fmt = task["format"]
@@ -73,16 +81,24 @@ def read_task(task: dict, max_record_bytes: int, raw_cap: int) -> pa.Table:
             rows.reject("unknown_format", "unknown file extension; set format: jsonl|json|parquet|txt for this input")
         elif fmt == "parquet":
             _read_parquet(fs, task, rows)
-        elif task["size"] == 0 and not task["compression"]:
-            rows.reject("empty_file", "file is empty")
-        elif fmt != "parquet" and task["start"] == 0 and _looks_binary(fs, task):
-            rows.reject("binary_file", "file looks binary (NUL bytes / not text)", _head(fs, task))
-        elif _looks_binary(fs, task):
-            pass  # reported once, by the file's first chunk
-        elif fmt == "json":
-            _read_json_array(fs, task, spec, rows, max_record_bytes)
+        elif task["size"] == 0:
+            rows.reject("empty_file", "file is empty (0 bytes)")
         else:
-            _read_lines_or_paragraphs(fs, task, spec, rows, max_record_bytes)
+            head = _head(fs, task, SAMPLE)
+            enc, skip = choose(head, encoding, whole_file=len(head) < SAMPLE)
+            if info is not None:
+                info["encoding"] = enc
+            surely_text = bom_of(head) is not None or not ascii_compatible(enc)  # UTF-16/32 hold NULs
+            if not surely_text and _looks_binary(head[:BINARY_SNIFF]):
+                if task["start"] == 0:  # reported once, by the file's first chunk
+                    rows.reject("binary_file", "file looks binary (NUL bytes / not text)", head[:BINARY_SNIFF])
+            elif fmt == "json":
+                _read_json_array(fs, task, spec, rows, enc, skip)
+            else:
+                _read_lines_or_paragraphs(fs, task, spec, rows, max_record_bytes, enc, skip)
+                if not rows.cols[ID] and task["start"] == 0 and (task["compression"] or task["end"] >= task["size"]):
+                    what = "decompresses to no bytes" if task["compression"] and not head else "holds only blank lines"
+                    rows.reject("empty_file", f"no records: the file {what}")
     except (OSError, pa.ArrowException) as exc:
         # The file vanished or the storage failed mid-read; report it instead of
         # killing the job. Rows already read from this task are kept.
@@ -91,17 +107,21 @@ def read_task(task: dict, max_record_bytes: int, raw_cap: int) -> pa.Table:
 
 
 def _open_stream(fs, task):
-    codec = task["compression"] or None
-    return fs.open_input_stream(task["path"], compression=codec)
+    """The file's bytes, decompressed (damage raises DamagedStream after the intact part)."""
+    if task["compression"]:
+        return open_compressed(fs, task["path"], task["compression"])
+    return fs.open_input_stream(task["path"], compression=None)
 
 
-def _head(fs, task) -> bytes:
+def _head(fs, task, n: int = BINARY_SNIFF) -> bytes:
     with _open_stream(fs, task) as f:
-        return f.read(BINARY_SNIFF)
+        try:
+            return f.read(n)
+        except DamagedStream:
+            return b""  # damaged before any byte: the read itself reports it
 
 
-def _looks_binary(fs, task) -> bool:
-    head = _head(fs, task)
+def _looks_binary(head: bytes) -> bool:
     if b"\x00" not in head:
         return False
     # Text with a stray NUL is still text (its records are rejected one by one);
@@ -135,7 +155,11 @@ def _iter_lines(f, start: int, end: int, max_bytes: int) -> Iterator[tuple[int, 
         f.seek(pos)
     pending, pending_len, line_start, index = [], 0, pos, 0
     while True:
-        block = f.read(BLOCK)
+        try:
+            block = f.read(BLOCK)
+        except DamagedStream as damage:  # the line being read is incomplete: lost with the rest
+            damage.record_offset = line_start
+            raise
         if not block:
             break
         cut = 0
@@ -157,25 +181,38 @@ def _iter_lines(f, start: int, end: int, max_bytes: int) -> Iterator[tuple[int, 
         yield line_start, index, b"".join(pending), pending_len > max_bytes
 
 
-def _read_lines_or_paragraphs(fs, task, spec, rows: _Rows, max_bytes: int) -> None:
+def _read_lines_or_paragraphs(fs, task, spec, rows: _Rows, max_bytes: int, enc: str, skip: int) -> None:
     mode = "jsonl" if task["format"] == "jsonl" else spec["txt_mode"]
-    compressed = bool(task["compression"])
-    with (_open_stream(fs, task) if compressed else fs.open_input_file(task["path"])) as f:
-        end = float("inf") if compressed else task["end"]
-        lines = _iter_lines(f, task["start"], end, max_bytes)
-        records = lines if mode in ("jsonl", "line") else _group_records(lines, mode, spec, max_bytes)
-        first_line = [1 if task["start"] == 0 else None]  # later chunks: counted on demand
+    transcode = not ascii_compatible(enc)
+    if transcode and task["start"] > 0:
+        return  # a UTF-16/32 file is read whole by its first task (byte ranges would cut characters)
+    whole = bool(task["compression"]) or transcode
+    with (_open_stream(fs, task) if whole else fs.open_input_file(task["path"])) as f:
+        if transcode:
+            f, enc = Transcoder(f, enc, skip), "utf-8"
+        try:
+            _read_records(f, task, mode, spec, rows, max_bytes, enc, float("inf") if whole else task["end"])
+        except DamagedStream as damage:
+            at = damage.record_offset
+            rows.reject(damage.reason, f"{damage.detail}; the records from byte {at} on are lost",
+                        key=f"@{at}", offset=at)
 
-        def line_of(offset: int, index: int) -> int:
-            if first_line[0] is None:
-                first_line[0] = _line_number(fs, task, offset) - index
-            return first_line[0] + index
 
-        for offset, index, raw, oversized in records:
-            if mode in ("jsonl", "line") and not raw.strip():
-                continue  # blank lines separate records; they are not records
-            line = lambda o=offset, i=index: line_of(o, i)  # noqa: E731 - resolved only for rejects
-            _emit(rows, raw, oversized, mode, spec, max_bytes, key=f"@{offset}", line=line, offset=offset)
+def _read_records(f, task, mode: str, spec, rows: _Rows, max_bytes: int, enc: str, end: float) -> None:
+    lines = _iter_lines(f, task["start"], end, max_bytes)
+    records = lines if mode in ("jsonl", "line") else _group_records(lines, mode, spec, max_bytes)
+    first_line = [1 if task["start"] == 0 else None]  # later chunks: counted on demand
+
+    def line_of(offset: int, index: int) -> int:
+        if first_line[0] is None:
+            first_line[0] = _line_number(task, offset) - index
+        return first_line[0] + index
+
+    for offset, index, raw, oversized in records:
+        if mode in ("jsonl", "line") and not raw.strip():
+            continue  # blank lines separate records; they are not records
+        line = lambda o=offset, i=index: line_of(o, i)  # noqa: E731 - resolved only for rejects
+        _emit(rows, raw, oversized, mode, spec, max_bytes, enc, key=f"@{offset}", line=line, offset=offset)
 
 
 def _group_records(lines, mode: str, spec, max_bytes: int):
@@ -183,30 +220,35 @@ def _group_records(lines, mode: str, spec, max_bytes: int):
     or one whole-file record; yields (offset, line index, bytes, oversized)."""
     sep = spec["record_separator"].encode("utf-8")
     buf, size, first, oversized = [], 0, None, False
-    for offset, index, raw, too_big in lines:
-        boundary = (mode == "paragraph" and not raw.strip()) or (mode == "separator" and raw.strip() == sep)
-        if boundary:
-            if buf and any(part.strip() for part in buf):
-                yield first[0], first[1], b"\n".join(buf), oversized
-            buf, size, first, oversized = [], 0, None, False
-            continue
-        if first is None:
-            first = (offset, index)
-        oversized = oversized or too_big or size + len(raw) > max_bytes
-        if not oversized:
-            buf.append(raw)
-            size += len(raw) + 1
-        elif not buf:
-            buf.append(raw[:max_bytes])
+    try:
+        for offset, index, raw, too_big in lines:
+            boundary = (mode == "paragraph" and not raw.strip()) or (mode == "separator" and raw.strip() == sep)
+            if boundary:
+                if buf and any(part.strip() for part in buf):
+                    yield first[0], first[1], b"\n".join(buf), oversized
+                buf, size, first, oversized = [], 0, None, False
+                continue
+            if first is None:
+                first = (offset, index)
+            oversized = oversized or too_big or size + len(raw) > max_bytes
+            if not oversized:
+                buf.append(raw)
+                size += len(raw) + 1
+            elif not buf:
+                buf.append(raw[:max_bytes])
+    except DamagedStream as damage:
+        if first is not None:  # the record being gathered is incomplete: it is lost from its start
+            damage.record_offset = first[0]
+        raise
     if buf and any(part.strip() for part in buf):
         yield first[0], first[1], b"\n".join(buf), oversized
 
 
-def _line_number(fs, task, offset: int) -> int:
+def _line_number(task, offset: int) -> int:
     """1-based line of a byte offset, by counting newlines before it. Only called for
     rejects in later chunks of a split file, where line numbers are not tracked."""
     count, pos = 0, 0
-    with fs.open_input_file(task["path"]) as f:
+    with filesystem_for(task["fs_uri"]).open_input_file(task["path"]) as f:
         while pos < offset:
             block = f.read(min(BLOCK, offset - pos))
             if not block:
@@ -216,18 +258,10 @@ def _line_number(fs, task, offset: int) -> int:
     return count + 1
 
 
-def _valid_utf8(raw: bytes) -> bool:
-    try:
-        raw.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 _BOM = b"\xef\xbb\xbf"
 
 
-def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: int, **where) -> None:
+def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: int, enc: str, **where) -> None:
     if where.get("offset") == 0 and raw.startswith(_BOM):  # a UTF-8 byte-order mark opens the file, not the record
         raw = raw[len(_BOM):]
     if oversized:
@@ -237,9 +271,9 @@ def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: 
         rows.reject("nul_byte", "record contains NUL bytes", raw, **where)
         return
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode(enc)
     except UnicodeDecodeError as exc:
-        rows.reject("invalid_utf8", f"invalid UTF-8 at byte {exc.start}", raw, **where)
+        rows.reject(*_undecodable(enc, exc), raw, **where)
         return
     if mode != "jsonl":
         rows.doc(where["key"], text.removesuffix("\r"))
@@ -256,6 +290,13 @@ def _emit(rows: _Rows, raw: bytes, oversized: bool, mode: str, spec, max_bytes: 
 
 
 _TOO_DEEP = "JSON nested too deeply to parse"
+
+
+def _undecodable(enc: str, exc: UnicodeDecodeError) -> tuple[str, str]:
+    """(reason, detail) of a record that does not decode in its file's encoding."""
+    if enc == "utf-8":
+        return "invalid_utf8", f"invalid UTF-8 at byte {exc.start}"
+    return "invalid_encoding", f"not valid {enc} at byte {exc.start} (the encoding chosen for this file)"
 
 
 def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
@@ -283,19 +324,24 @@ def _emit_value(rows: _Rows, value, spec, raw: bytes | None, **where) -> None:
 # ---------------------------------------------------------------- whole-value files
 
 
-def _read_json_array(fs, task, spec, rows: _Rows, max_bytes: int) -> None:
+def _read_json_array(fs, task, spec, rows: _Rows, enc: str, skip: int) -> None:
     if task["size"] > MAX_JSON_FILE:
         rows.reject("record_too_large", f"JSON file over {MAX_JSON_FILE} bytes; convert it to jsonl")
         return
     with _open_stream(fs, task) as f:
-        raw = f.read()
+        try:
+            raw = f.read()
+        except DamagedStream as damage:  # one value: nothing of it can be kept
+            rows.reject(damage.reason, f"{damage.detail}; the JSON value is lost", offset=damage.offset)
+            return
     if not raw.strip():
         rows.reject("empty_file", "file is empty")
         return
     try:
-        data = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is accepted
+        data = json.loads(raw[skip:].decode(enc))  # skip: a byte-order mark
     except UnicodeDecodeError as exc:
-        rows.reject("invalid_utf8", f"invalid UTF-8 at byte {exc.start}", raw[max(0, exc.start - 64):])
+        reason, detail = _undecodable(enc, exc)
+        rows.reject(reason, detail, raw[skip + max(0, exc.start - 64):])
         return
     except json.JSONDecodeError as exc:
         rows.reject("bad_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}",

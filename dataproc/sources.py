@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
@@ -59,6 +60,8 @@ def split_uri(path: str) -> tuple[pafs.FileSystem, str, str]:
     base = path if not GLOB_CHARS.search(path) else path[: GLOB_CHARS.search(path).start()]
     try:
         fs, inner = pafs.FileSystem.from_uri(base)
+        if base.endswith("/") and not inner.endswith("/"):
+            inner += "/"  # from_uri drops it: "file:///d/**" must stay /d/**, not /d**
         return fs, inner + path[len(base):], path
     except Exception:  # noqa: BLE001 - unknown to pyarrow: try fsspec below
         pass
@@ -100,8 +103,10 @@ def glob_to_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def expand(path: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
-    """Files matched by a path/glob/URI: (fs, base dir for relpaths, [FileInfo])."""
+def expand(path: str, skipped_links: list | None = None) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """Files matched by a path/glob/URI: (fs, base dir for relpaths, [FileInfo]).
+    Local directories are walked following links, each directory and each file once
+    (see _walk_local); the links skipped are appended to `skipped_links`."""
     fs, inner, _ = split_uri(path)
     match = GLOB_CHARS.search(inner)
     if match is None:
@@ -114,20 +119,72 @@ def expand(path: str) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
     else:
         base = inner[: match.start()].rsplit("/", 1)[0] if "/" in inner[: match.start()] else "."
         regex = glob_to_regex(inner[len(base) + 1:] if base != "." else inner)
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    files = []
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        rel = info.path[len(base):].lstrip("/")
-        if any(part.startswith((".", "_")) for part in rel.split("/")):
-            continue  # hidden files and markers (_SUCCESS) are not data
-        if regex is None or regex.match(rel):
-            files.append(info)
+    if isinstance(fs, pafs.LocalFileSystem):
+        paths = _walk_local(base, skipped_links if skipped_links is not None else [], regex)
+        files = fs.get_file_info(paths) if paths else []
+    else:
+        files = []
+        for info in fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True)):
+            rel = info.path[len(base):].lstrip("/")
+            if info.type == pafs.FileType.File and not _hidden(rel) and (regex is None or regex.match(rel)):
+                files.append(info)
     if not files:
         raise UserError(f"no files match {path}")
     files.sort(key=lambda i: i.path)
     return fs, base, files
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))  # hidden files, _SUCCESS markers
+
+
+def _walk_local(base: str, skipped: list, regex: re.Pattern | None) -> list[str]:
+    """Files under a local `base` whose relative path matches `regex` (None: all),
+    in sorted order. Links are followed, but a directory is listed once (a link back
+    to an ancestor would otherwise be walked until the path is too long, reading the
+    same files again and again under ever deeper ids), and a file reached by several
+    paths is read once, by the first. Broken and self-referencing links are skipped.
+    Every skipped link is reported: {"path", "why"}."""
+    seen_dirs: set = set()
+    first_path: dict = {}  # real path -> the path it is read under
+    out: list[str] = []
+
+    def visit(directory: str, shown: str) -> None:
+        st = os.stat(directory)
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            skipped.append({"path": shown, "why": "directory already listed (a link loop or a second link to it)"})
+            return
+        seen_dirs.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append({"path": shown, "why": f"cannot list: {exc.strerror}"})
+            return
+        for entry in entries:
+            if entry.name.startswith((".", "_")):
+                continue
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()  # both follow links
+                if entry.is_symlink():
+                    os.stat(entry.path)  # a broken or looping link raises here
+            except OSError as exc:
+                skipped.append({"path": entry.path, "why": f"broken or self-referencing link: {exc.strerror}"})
+                continue
+            if is_dir:
+                visit(entry.path, entry.path)
+            elif is_file:
+                rel = entry.path[len(base):].lstrip("/")
+                if regex is not None and not regex.match(rel):
+                    continue
+                real = os.path.realpath(entry.path)
+                if real in first_path:
+                    skipped.append({"path": entry.path, "why": f"same file as {first_path[real]}"})
+                    continue
+                first_path[real] = entry.path
+                out.append(entry.path)
+
+    visit(base, base)
+    return out
 
 
 def detect_format(name: str, declared: str) -> tuple[str, str]:
@@ -170,18 +227,19 @@ def parquet_row_group_ranges(fs: pafs.FileSystem, path: str, target_bytes: int) 
     return ranges
 
 
-def plan_read_tasks(inputs: list, chunk_bytes: int) -> list[ReadTask]:
-    """Expand every InputSpec into read tasks. A file matched by two inputs is read
-    once, by the first (otherwise it would be counted twice)."""
+def plan_read_tasks(inputs: list, chunk_bytes: int, skipped_links: list | None = None) -> list[ReadTask]:
+    """Expand every InputSpec into read tasks. A file matched by two inputs (or by two
+    links) is read once, by the first (otherwise it would be counted twice)."""
     if not inputs:
         raise UserError("no inputs: give --input PATH_OR_GLOB (or read.inputs in the config)")
     tasks, seen = [], set()
     for spec in inputs:
-        fs, base, files = expand(spec.path)
+        fs, base, files = expand(spec.path, skipped_links)
         # Workers rebuild the filesystem from this ("" = local; paths are absolute).
-        fs_uri = "" if isinstance(fs, pafs.LocalFileSystem) else _fs_root_uri(spec.path)
+        local = isinstance(fs, pafs.LocalFileSystem)
+        fs_uri = "" if local else _fs_root_uri(spec.path)
         for info in files:
-            key = (fs_uri, info.path)
+            key = (fs_uri, os.path.realpath(info.path) if local else info.path)
             if key in seen:
                 continue
             seen.add(key)
@@ -200,7 +258,32 @@ def plan_read_tasks(inputs: list, chunk_bytes: int) -> list[ReadTask]:
                     tasks.append(ReadTask(**common, start=lo, end=hi))
             else:
                 tasks.append(ReadTask(**common, start=0, end=info.size or 0))
+    _make_ids_unique(tasks)
     return tasks
+
+
+def _make_ids_unique(tasks: list[ReadTask]) -> None:
+    """Ids are `<source>/<relpath>...`: two files given by different inputs can share
+    both (`a/part-0.jsonl` and `b/part-0.jsonl` as two inputs have relpath part-0.jsonl
+    and source part-0), and their rows would get the same ids. Such files get their
+    path relative to the directory they have in common instead (a/part-0.jsonl,
+    b/part-0.jsonl); if ids still collide, the job stops before reading anything."""
+    groups: dict = {}
+    for t in tasks:
+        groups.setdefault((t.source, t.relpath), set()).add((t.fs_uri, t.path))
+    for (source, rel), files in groups.items():
+        if len(files) < 2:
+            continue
+        root = posixpath.commonpath([p for _, p in files]) if len({u for u, _ in files}) == 1 else None
+        for t in tasks:
+            if t.source == source and t.relpath == rel and (t.fs_uri, t.path) in files:
+                t.relpath = t.path[len(root):].lstrip("/") if root else f"{t.fs_uri}{t.path}".replace("://", "/")
+    final: dict = {}
+    for t in tasks:
+        other = final.setdefault((t.source, t.relpath), (t.fs_uri, t.path))
+        if other != (t.fs_uri, t.path):
+            raise UserError(f"two inputs give the same ids {t.source}/{t.relpath}@...: {other[0]}{other[1]} and "
+                            f"{t.fs_uri}{t.path}; give the inputs different `source` names")
 
 
 def _fs_root_uri(path: str) -> str:

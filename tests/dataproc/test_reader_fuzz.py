@@ -118,12 +118,13 @@ def test_data_run_over_fuzzed_files_keeps_its_accounting(ray_session, tmp_path):
 
 
 def test_accounting_check_fails_a_stage_that_lost_rows(tmp_path):
-    from dataproc.pipeline import check_accounting
+    from dataproc.pipeline import check_accounting, read_reports
 
-    (tmp_path / "a.json").write_text(json.dumps({"s": 7, "t": 2}))
-    (tmp_path / "b.json").write_text(json.dumps({"s": 3}))
-    check_accounting({"sources": {"s": {"rows_in": 10}, "t": {"rows_in": 2}}}, tmp_path)
+    (tmp_path / "a.json").write_text(json.dumps({"rows": {"s": 7, "t": 2}}))
+    (tmp_path / "b.json").write_text(json.dumps({"rows": {"s": 3}}))
+    reports = read_reports(tmp_path)
+    check_accounting({"sources": {"s": {"rows_in": 10}, "t": {"rows_in": 2}}}, reports)
     with pytest.raises(RuntimeError, match="s: read 10, written 9"):
-        check_accounting({"sources": {"s": {"rows_in": 9}, "t": {"rows_in": 2}}}, tmp_path)
+        check_accounting({"sources": {"s": {"rows_in": 9}, "t": {"rows_in": 2}}}, reports)
     with pytest.raises(RuntimeError, match="t: read 2, written 0"):
-        check_accounting({"sources": {"s": {"rows_in": 10}}}, tmp_path)
+        check_accounting({"sources": {"s": {"rows_in": 10}}}, reports)
