@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -23,6 +23,7 @@ from serve.schemas import (ChatRequest, CompletionRequest, DetokenizeRequest, Ev
 
 OPEN_ROUTES = {"/health"}  # reachable without the API key (liveness probes); /metrics needs it
 UNMATCHED = "unmatched"  # the route label of any path no route serves
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first": only /metrics sees it
 
 
 class Metrics:
@@ -139,7 +140,12 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
 
     @app.exception_handler(EngineDied)
     async def engine_died(_request, exc: EngineDied):
-        return _error(503, str(exc), type="server_error", code="engine_unavailable")
+        err = oa.stream_error(exc)  # the same error a stream in flight ends with
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(oa.ClientGone)
+    async def client_gone(_request, _exc: oa.ClientGone):
+        return Response(status_code=CLIENT_CLOSED)  # nobody reads it; its sequences were aborted
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
@@ -162,6 +168,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         if served.scorer is not None:
             raise oa.APIError(400, f"'{served.name}' is a reward model: it scores conversations on /v1/rewards and "
                                    "generates nothing", param="model", code="reward_model")
+        if not served.alive:  # a 503 now, before a stream's 200 could promise tokens
+            raise EngineDied(served.batcher.dead_reason)
         return served
 
     def count(served: ServedModel, prompt: int, generated: int) -> None:
@@ -187,7 +195,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
              "max_model_len": s.codec.context} for s in registry.models.values()]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         served = generator_or_400(req.model)
         prompts, engine_reqs = oa.completion_requests(req, served)
         if req.stream:
@@ -202,13 +210,13 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
                         "choices": [choice]}
 
             return StreamingResponse(oa.stream_events(served, engine_reqs, chunk), media_type="text/event-stream")
-        results = await oa.run_all(served, engine_reqs)
+        results = await oa.run_all(served, engine_reqs, http)
         body = oa.completion_response(req, served, prompts, results)
         count(served, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return body
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
+    async def chat(req: ChatRequest, http: Request):
         served = generator_or_400(req.model)
         prompt_ids, engine_reqs = oa.chat_requests(req, served)
         if req.stream:
@@ -226,7 +234,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
                                                            "finish_reason": res.finish_reason if res else None}]}
 
             return StreamingResponse(oa.stream_events(served, engine_reqs, chunk), media_type="text/event-stream")
-        results = await oa.run_all(served, engine_reqs)
+        results = await oa.run_all(served, engine_reqs, http)
         body = oa.chat_response(req, served, prompt_ids, results)
         count(served, body["usage"]["prompt_tokens"], body["usage"]["completion_tokens"])
         return body

@@ -5,18 +5,15 @@ Generation is a `Batch` of running sequences advanced one token per `step`, each
 sequence in its own row of a KV cache (serve/kv.py). Requests join a running batch
 between steps (`prefill` writes their prompts into free rows; nothing running moves),
 and a finished sequence leaves the batch at once, so concurrent clients share every
-decode step (continuous batching). `BatchLoop` drives this in the one thread that
-owns the model (`Batcher`: a thread of this process; the server: an engine process,
-serve/engine_process.py); `Engine.generate` runs a fixed list of requests to completion.
+decode step (continuous batching). `BatchLoop` (serve/batching.py) drives this in
+the one thread that owns the model; `Engine.generate` runs a fixed list of requests to
+completion. A request whose submitter gives up (its HTTP client went away) is marked
+`cancelled` and leaves the batch at the next step (`drop_cancelled`).
 """
 
 from __future__ import annotations
 
-import queue
 import random
-import threading
-import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +38,13 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_logprobs: bool = False  # echo with logprobs: score the prompt tokens too
     on_text: Callable[[str], None] | None = None  # streaming: text deltas, from the engine thread
+    # Set (from any thread) when nobody waits for the result any more; the loop that owns
+    # the model drops the sequence between two steps, freeing its row for others.
+    cancelled: bool = False
+
+
+class Aborted(Exception):
+    """The outcome of a request that was cancelled before it finished."""
 
 
 @dataclass
@@ -251,6 +255,19 @@ class Engine(TextCodec):
                                   [seqs[r].rng.random() for r in sampled])
         return tokens.tolist()
 
+    @staticmethod
+    def drop_cancelled(batch: Batch) -> int:
+        """Remove the sequences whose request was cancelled (each resolved with Aborted);
+        their rows are free for the next prefill. Returns how many left."""
+        gone = {row for row, seq in enumerate(batch.seqs) if seq.req.cancelled}
+        for row in sorted(gone):
+            batch.seqs[row].done(Aborted())
+        if len(gone) == len(batch):
+            batch.clear()
+        elif gone:
+            batch.keep([row for row in range(len(batch)) if row not in gone])
+        return len(gone)
+
     def generate(self, requests: list[Request]) -> list[Result]:
         """Run a fixed list of requests to completion (all in one batch)."""
         results: list = [None] * len(requests)
@@ -323,88 +340,3 @@ class Engine(TextCodec):
                      for s in sequences[start:start + self.max_batch]]
             out += [r.prompt_logprobs for r in self.generate(chunk)]
         return out
-
-
-Resolve = Callable[[object], None]  # called once with the Result or the Exception
-Take = Callable[[bool, int], "list[tuple[Request, Resolve]] | None"]
-OnBatch = Callable[[int, float], None]  # after each decode step: sequences in it, its wall seconds
-
-
-class BatchLoop:
-    """Continuous batching. Between decode steps it takes every request that has arrived
-    (up to max_batch running), prefills them together and joins them to the running
-    batch; each request is resolved the moment its sequence ends.
-
-    `take(block, limit)` supplies new requests: it may block only when nothing is
-    running, and returns None to stop the loop. A thread-local queue (`Batcher`) or
-    the pipe of an engine process (`serve/engine_process.py`) provides it."""
-
-    def __init__(self, engine: Engine, take: Take, on_batch: OnBatch | None = None):
-        self.engine, self.take, self.on_batch = engine, take, on_batch
-
-    def run(self) -> None:
-        batch = self.engine.new_batch(rows=self.engine.max_batch)  # one cache (and its graphs) for the loop's life
-        batch.decoder.warm_up()
-        while True:
-            new = self.take(not batch, self.engine.max_batch - len(batch))
-            if new is None:
-                for seq in batch.seqs:
-                    seq.done(RuntimeError("the engine is shutting down"))
-                return
-            if new:
-                try:
-                    self.engine.prefill(batch, [r for r, _ in new], [resolve for _, resolve in new])
-                except Exception as exc:  # noqa: BLE001 - fail the new requests, keep the running ones
-                    for _, resolve in new:
-                        resolve(exc)
-            if not batch:
-                continue
-            try:
-                size, started = len(batch), time.perf_counter()
-                self.engine.step(batch)
-                if self.on_batch:
-                    self.on_batch(size, time.perf_counter() - started)
-            except Exception as exc:  # noqa: BLE001 - fail what was running, keep serving
-                for seq in batch.seqs:
-                    seq.done(exc)
-                batch.clear()
-
-
-class Batcher:
-    """Continuous batching on a worker thread of this process (`zerolm serve
-    --engine-thread`). By default the server runs the same loop in an engine process
-    instead, so the model's Python work never holds the HTTP process's GIL."""
-
-    def __init__(self, engine: Engine, *, wait_ms: float = 2.0, on_batch: OnBatch | None = None):
-        self.engine, self.wait = engine, wait_ms / 1000
-        self.queue: queue.Queue = queue.Queue()
-        loop = BatchLoop(engine, self._take, on_batch)
-        self.thread = threading.Thread(target=loop.run, name=f"engine-{engine.m.name}", daemon=True)
-        self.thread.start()
-
-    def submit(self, request: Request) -> Future:
-        fut: Future = Future()
-        self.queue.put((request, resolver(fut)))
-        return fut
-
-    def _take(self, block: bool, limit: int) -> list:
-        items: list = []
-        if limit <= 0:
-            return items
-        try:
-            if block:
-                items.append(self.queue.get())
-                if limit > 1:
-                    items.append(self.queue.get(timeout=self.wait))  # let a burst arrive together
-            while len(items) < limit:
-                items.append(self.queue.get_nowait())
-        except queue.Empty:
-            pass
-        return items
-
-
-def resolver(fut: Future) -> Resolve:
-    def resolve(outcome) -> None:
-        if not fut.done():
-            (fut.set_exception if isinstance(outcome, Exception) else fut.set_result)(outcome)
-    return resolve

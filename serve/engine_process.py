@@ -8,14 +8,16 @@ trickle into the batch instead of arriving together. Here the loop runs in a spa
 process that owns the model; the HTTP process keeps the tokenizer only. They talk over
 one pipe:
 
-    parent -> engine   ("submit", id, Request, stream)   ("close",)
+    parent -> engine   ("submit", id, Request, stream)   ("abort", id)   ("close",)
     engine -> parent   ("ready", device, dtype) | ("load_error", message)   at start
                        ("done", id, Result | Exception)   ("text", id, delta)   ("batch", n, seconds)
 
 `EngineClient.submit` returns a Future, the same interface as the in-process
-`Batcher`. If the engine process dies, every pending and later request fails with a
+`Batcher`; cancelling it sends ("abort", id), and the engine drops the sequence at its
+next step. If the engine process dies, every pending and later request fails with a
 clear error instead of hanging, and `alive` turns False (the server's /health
-reports it).
+reports it, and the HTTP layer answers 503 from then on). A dead engine is not
+restarted: the server is, by whatever watches /health.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Callable
 
-from serve.engine import BatchLoop, Engine, OnBatch, Request, resolver
+from serve.batching import BatchLoop, OnBatch, resolver
+from serve.engine import Aborted, Engine, Request
 from zerolm.errors import UserError
 
 
@@ -79,6 +82,10 @@ class EngineClient:
     def alive(self) -> bool:
         return self._dead is None
 
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
+
     def submit(self, request: Request) -> Future:
         fut: Future = Future()
         wire = dataclasses.replace(request, on_text=None)  # callbacks stay here; text arrives as messages
@@ -94,7 +101,20 @@ class EngineClient:
             with self._lock:
                 self._pending.pop(rid, None)
             resolver(fut)(EngineDied(f"model {self.name!r}: cannot reach the engine process ({exc})"))
+        # After the submit is on the pipe, so an abort can never overtake it.
+        fut.add_done_callback(lambda f, rid=rid: self._abort(rid) if f.cancelled() else None)
         return fut
+
+    def _abort(self, rid: int) -> None:
+        """The future was cancelled (its client went away): forget it here, so later
+        text and its result are dropped, and tell the engine to stop decoding it."""
+        with self._lock:
+            if self._pending.pop(rid, None) is None:
+                return  # finished (or the engine died) first: nothing is decoding it
+        try:
+            self._send(("abort", rid))
+        except (OSError, ValueError):
+            pass  # the engine is gone: nothing decodes it any more either
 
     def _send(self, msg) -> None:
         # Its own lock, never held with _lock: a send that waits for a full pipe must not
@@ -168,6 +188,7 @@ class _PipeSource:
     def __init__(self, conn, wait_s: float):
         self.conn, self.wait = conn, wait_s
         self.backlog: deque = deque()  # received, not yet admitted (over max_batch)
+        self.unfinished: dict[int, Request] = {}  # by id: what an abort message may cancel
         self.closed = False
 
     def send(self, msg) -> None:
@@ -196,10 +217,21 @@ class _PipeSource:
         if msg[0] == "close":
             self.closed = True
             return
+        if msg[0] == "abort":  # the loop drops it before its next step (or before its prefill)
+            request = self.unfinished.get(msg[1])
+            if request is not None:
+                request.cancelled = True
+            return
         _, rid, request, stream = msg
         if stream:
             request.on_text = lambda text, rid=rid: self.send(("text", rid, text))
-        self.backlog.append((request, lambda outcome, rid=rid: self.send(("done", rid, _picklable(outcome)))))
+        self.unfinished[rid] = request
+        self.backlog.append((request, lambda outcome, rid=rid: self._finish(rid, outcome)))
+
+    def _finish(self, rid: int, outcome) -> None:
+        self.unfinished.pop(rid, None)
+        if not isinstance(outcome, Aborted):  # the parent forgot an aborted request already
+            self.send(("done", rid, _picklable(outcome)))
 
 
 def _picklable(outcome):

@@ -13,14 +13,20 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 
 from serve.engine import Request, Result, TokenLogprob
+from serve.engine_process import EngineDied
 from serve.registry import ServedModel
 from serve.sampling import SamplingParams
 from serve.schemas import ChatRequest, CompletionRequest
 from train.chat import compile_template
+from zerolm.text import lone_surrogate
+
+if TYPE_CHECKING:
+    from starlette.requests import Request as StarletteRequest
 
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOKENS_LIMIT = 4096
@@ -29,11 +35,35 @@ MAX_TOKENS_LIMIT = 4096
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        # Messages quote what the client sent (a model name, a field): a lone surrogate
+        # in it (JSON "\ud800") cannot be written as UTF-8 and would turn the 4xx into a
+        # 500 while rendering, so it is shown escaped instead.
+        message, param = _printable(message), _printable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _printable(text: str | None) -> str | None:
+    if text is None or lone_surrogate(text) is None:
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its result was ready (its sequences were
+    aborted); nobody is left to answer."""
+
+
+def stream_error(exc: BaseException) -> APIError:
+    """What a stream that fails after its 200 reports in its last event."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDied):
+        return APIError(503, str(exc), type="server_error", code="engine_unavailable")
+    return APIError(500, f"internal error: {type(exc).__name__}", type="internal_error")
 
 
 @dataclass
@@ -92,9 +122,31 @@ def sampling(req, served: ServedModel, max_tokens: int, seed_offset: int, logpro
                           stop_ids=stop_ids, logprobs=logprobs)
 
 
-async def run_all(served: ServedModel, requests: list[Request]) -> list[Result]:
-    futures = [asyncio.wrap_future(served.batcher.submit(r)) for r in requests]
-    return list(await asyncio.gather(*futures))
+async def run_all(served: ServedModel, requests: list[Request], http: "StarletteRequest | None" = None
+                  ) -> list[Result]:
+    """Submit the requests and wait for all their results. Cancelling this (or the
+    client of `http` disconnecting) cancels the engine futures, and with them the
+    sequences (serve/batching.py): nothing decodes for a client that is gone."""
+    gathered = asyncio.gather(*(asyncio.wrap_future(served.batcher.submit(r)) for r in requests))
+    gone = asyncio.ensure_future(_disconnected(http)) if http is not None else None
+    try:
+        if gone is None:
+            return list(await gathered)
+        await asyncio.wait({gathered, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not gathered.done():
+            raise ClientGone()
+        return list(gathered.result())
+    finally:
+        gathered.cancel()  # a no-op once done; else it aborts every sequence of this request
+        if gone is not None:
+            gone.cancel()
+
+
+async def _disconnected(http: "StarletteRequest") -> None:
+    """Returns when the client of a request whose body was read has disconnected:
+    past the body, the next ASGI message a server sends is http.disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ------------------------------------------------------------------ completions
@@ -172,8 +224,8 @@ def render_chat(req: ChatRequest, served: ServedModel) -> list[int]:
 def chat_requests(req: ChatRequest, served: ServedModel) -> tuple[list[int], list[Request]]:
     ids = render_chat(req, served)
     max_tokens = req.max_completion_tokens or req.max_tokens
-    if max_tokens is None:
-        max_tokens = min(512, served.codec.context - len(ids))
+    if max_tokens is None:  # what fits; a prompt over the context is then refused by check_lengths
+        max_tokens = max(0, min(512, served.codec.context - len(ids)))
     check_lengths(served, len(ids), max_tokens, req.n)
     top = (req.top_logprobs or 0) if req.logprobs else None
     return ids, [Request(ids, sampling(req, served, max_tokens, k, top, served.loaded.meta.stop_ids))
@@ -207,22 +259,38 @@ def chat_response(req: ChatRequest, served: ServedModel, prompt_ids: list[int], 
 # ------------------------------------------------------------------ streaming
 async def stream_events(served: ServedModel, requests: list[Request], chunk_of) -> "asyncio.AsyncIterator[str]":
     """Server-sent events: one `data:` line per text delta of any choice, then a final
-    chunk per choice with its finish_reason, then `data: [DONE]`."""
+    chunk per choice with its finish_reason, then `data: [DONE]`.
+
+    A failure after the 200 (the engine process died) ends the stream with an event
+    in OpenAI's error shape, which the openai client raises as an APIError, then
+    `[DONE]`. When the client disconnects, Starlette cancels this generator, and the
+    `finally` aborts the sequences still decoding."""
     loop = asyncio.get_running_loop()
     deltas: asyncio.Queue = asyncio.Queue()
     for i, r in enumerate(requests):
         r.on_text = (lambda i: lambda text: loop.call_soon_threadsafe(deltas.put_nowait, (i, text)))(i)
     results_task = asyncio.ensure_future(run_all(served, requests))
     results_task.add_done_callback(lambda _: loop.call_soon_threadsafe(deltas.put_nowait, None))
-    while True:
-        item = await deltas.get()
-        if item is None:
-            break
-        yield "data: " + json.dumps(chunk_of(item[0], item[1], None), ensure_ascii=False) + "\n\n"
-    results = results_task.result()
-    for i, res in enumerate(results):
-        yield "data: " + json.dumps(chunk_of(i, None, res), ensure_ascii=False) + "\n\n"
-    yield "data: [DONE]\n\n"
+    try:
+        while True:
+            item = await deltas.get()
+            if item is None:
+                break
+            yield _event(chunk_of(item[0], item[1], None))
+        try:
+            results = results_task.result()
+        except Exception as exc:  # noqa: BLE001 - after the 200, the error can only be an event
+            yield _event(stream_error(exc).body())
+        else:
+            for i, res in enumerate(results):
+                yield _event(chunk_of(i, None, res))
+        yield "data: [DONE]\n\n"
+    finally:
+        results_task.cancel()
+
+
+def _event(data: dict) -> str:
+    return "data: " + json.dumps(data, ensure_ascii=False) + "\n\n"
 
 
 def reward_conversation(messages, index: int) -> list[dict]:

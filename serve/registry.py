@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from serve.engine import Batcher, Engine, TextCodec
+from serve.batching import Batcher
+from serve.engine import Engine, TextCodec
 from serve.loading import LoadedModel, load_model
 from train.reward_model import is_reward_model
 from train.weights import find_model_dir

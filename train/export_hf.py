@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
 from dataproc.tokenizer import ENDOFTEXT, IM_END, copy_tokenizer_files
 from train.model_config import ModelConfig
+from zerolm.config import format_validation_error
+from zerolm.errors import UserError
 
 # Prefixes wrappers add to parameter names: DeepSpeed / DDP, torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -138,33 +141,44 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
     return names
 
 
+# ModelConfig field -> the config.json key that holds it: written by `hf_config` and
+# read back by `model_config_from_hf`, so the two directions cannot drift apart.
+_CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "ffn_hidden": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "tie_embeddings": "tie_word_embeddings",
+    "bias": "attention_bias",
+}
+# Read with transformers' defaults when a config.json leaves them out.
+_HF_DEFAULTS = {"num_key_value_heads": None, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": False, "attention_bias": False}
+
+
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, *, bos_token_id: int | None = None,
               eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
     """config.json for LlamaForCausalLM. transformers 5 reads RoPE from `rope_parameters`,
     4.x from top-level `rope_theta`; both are written (each ignores the other's key)."""
     dtype_name = str(dtype).removeprefix("torch.")
+    resolved = {**cfg.model_dump(), "ffn_hidden": cfg.ffn_dim, "n_kv_heads": cfg.kv_heads}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
+        **{hf: resolved[ours] for ours, hf in _CONFIG_KEYS.items()},
         "head_dim": cfg.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": 0.02,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "rope_scaling": None,
-        "attention_bias": cfg.bias,
         "attention_dropout": 0.0,
         "mlp_bias": cfg.bias,
         "pretraining_tp": 1,
-        "tie_word_embeddings": cfg.tie_embeddings,
         "use_cache": True,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
@@ -172,6 +186,46 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32, *, bos_token
         # transformers >= 4.56 reads `dtype`; 5.x warns on the older `torch_dtype` key.
         "dtype": dtype_name,
     }
+
+
+def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """The ModelConfig of a Llama config.json (ours, or any LlamaForCausalLM's that
+    transformers saved). What our Transformer cannot compute exactly is refused with a
+    one-line UserError naming the config.json field."""
+    def refuse(field: str, value, why: str):
+        raise UserError(f"{where}: {field} = {json.dumps(value)} is not supported ({why})")
+
+    if hf.get("model_type") != "llama":
+        refuse("model_type", hf.get("model_type"), "only Llama-architecture folders load")
+    # transformers 5 keeps RoPE settings in rope_parameters, 4.x in rope_theta / rope_scaling
+    rope = hf.get("rope_parameters") or {}
+    for field, scaling in (("rope_parameters", rope), ("rope_scaling", hf.get("rope_scaling") or {})):
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in (None, "default"):
+            refuse(f"{field}.rope_type", kind, "RoPE scaling; only plain RoPE is implemented")
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", hf["hidden_act"], "the MLP is SwiGLU: silu only")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        refuse("mlp_bias", hf.get("mlp_bias", False), "zerolm models have biases on every projection or none, "
+               f"and attention_bias is {json.dumps(hf.get('attention_bias', False))}")
+    if hf.get("quantization_config"):
+        refuse("quantization_config", (hf["quantization_config"] or {}).get("quant_method"),
+               "quantized weights")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and "hidden_size" in hf and "num_attention_heads" in hf \
+            and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+        refuse("head_dim", head_dim, f"it must be hidden_size / num_attention_heads = "
+               f"{hf['hidden_size']} / {hf['num_attention_heads']}")
+    values = {**_HF_DEFAULTS, **{k: v for k, v in hf.items() if v is not None}}
+    if "rope_theta" in rope:
+        values["rope_theta"] = rope["rope_theta"]
+    missing = [hf_key for hf_key in _CONFIG_KEYS.values() if hf_key not in values]
+    if missing:
+        raise UserError(f"{where}: config.json lacks {missing[0]}")
+    try:
+        return ModelConfig(**{ours: values[hf_key] for ours, hf_key in _CONFIG_KEYS.items()})
+    except ValidationError as exc:
+        raise UserError(f"{where}: config.json: {format_validation_error(exc)}") from None
 
 
 def special_token_ids(tokenizer_dir: str | Path) -> dict[str, int | None]:

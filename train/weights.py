@@ -16,13 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from train.export_hf import from_hf_state_dict
+from train.export_hf import from_hf_state_dict, model_config_from_hf
 from train.model import Transformer
 from train.model_config import CONFIG_NAME, ModelConfig
-from zerolm.config import format_validation_error
 from zerolm.errors import UserError
 
 SHARD_INDEX = "model.safetensors.index.json"
@@ -52,25 +50,7 @@ def model_config_of(model_dir: Path) -> ModelConfig:
         hf = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{model_dir}/config.json is not readable JSON ({exc})")
-    if hf.get("model_type") != "llama":
-        raise UserError(f"{model_dir} holds a {hf.get('model_type')!r} model; only Llama-architecture folders load")
-    rope = (hf.get("rope_parameters") or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or {}
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise UserError(f"{model_dir}: RoPE scaling {scaling} is not supported")
-    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
-        raise UserError(f"{model_dir}: attention_bias and mlp_bias differ; zerolm models have both or neither")
-    try:
-        return ModelConfig(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-            ffn_hidden=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"], rope_theta=rope,
-            norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-            bias=bool(hf.get("attention_bias", False)))
-    except KeyError as exc:
-        raise UserError(f"{model_dir}/config.json lacks {exc.args[0]}") from None
-    except ValidationError as exc:
-        raise UserError(f"{model_dir}/config.json: {format_validation_error(exc)}") from None
+    return model_config_from_hf(hf, str(model_dir))
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

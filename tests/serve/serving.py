@@ -42,3 +42,22 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120, log: Pa
     proc.kill()
     output = log.read_text()[-2000:] if log else proc.stdout.read()
     raise RuntimeError(f"server did not start (exit code {proc.poll()}): {output}")
+
+
+def decode_steps(url: str, headers: dict | None = None) -> tuple[float, float]:
+    """(decode steps so far, sequences decoded summed over them), from /metrics."""
+    lines = httpx.get(url + "/metrics", headers=headers, timeout=10).text.splitlines()
+    value = lambda name: float(next(ln.split()[-1] for ln in lines if ln.startswith(name)))  # noqa: E731
+    return value("zerolm_batch_size_count"), value("zerolm_batch_size_sum")
+
+
+def wait_idle(url: str, quiet: float = 1.0, timeout: float = 60, headers: dict | None = None) -> float:
+    """Decode steps so far, once no step has run for `quiet` seconds."""
+    deadline, last = time.time() + timeout, decode_steps(url, headers)[0]
+    while time.time() < deadline:
+        time.sleep(quiet)
+        now = decode_steps(url, headers)[0]
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the engine still decodes after {timeout} s")

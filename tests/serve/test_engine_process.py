@@ -11,10 +11,11 @@ import subprocess
 import time
 
 import httpx
+import openai
 import psutil
 import pytest
 
-from tests.serve.serving import start_server, wait_healthy
+from tests.serve.serving import decode_steps as step_stats, start_server, wait_healthy
 
 
 def engine_children(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -23,8 +24,7 @@ def engine_children(proc: subprocess.Popen) -> list[psutil.Process]:
 
 
 def decode_steps(url: str) -> float:
-    lines = httpx.get(url + "/metrics", timeout=5).text.splitlines()
-    return float(next(ln.split()[-1] for ln in lines if ln.startswith("zerolm_batch_size_count")))
+    return step_stats(url)[0]
 
 
 def test_weights_that_do_not_load_are_a_one_line_error(tiny_model_dir, tmp_path):
@@ -83,3 +83,46 @@ def test_stopping_the_server_stops_its_engine(tiny_model_dir):
     engine.wait(timeout=30)
     out = proc.stdout.read()
     assert "Traceback" not in out, out
+
+
+def test_a_dead_engine_ends_streams_with_an_error_event_and_new_requests_get_503(tiny_model_dir):
+    """Streams in flight when the engine dies end with an error event in OpenAI's shape
+    (the openai client raises it) and `[DONE]`; afterwards streamed and whole requests
+    get a 503 before any 200, instead of an empty 200 stream."""
+    proc, url = start_server(tiny_model_dir)
+    try:
+        wait_healthy(proc, url)
+        (engine,) = engine_children(proc)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        # 16 choices x 240 tokens: seconds of decoding on CPU, so both are in flight at the kill
+        body = {"model": "tiny", "prompt": "中华人民共和国", "max_tokens": 240, "n": 16, "temperature": 0}
+        sdk_stream = iter(client.completions.create(**body, stream=True, extra_body={"ignore_eos": True}))
+        next(sdk_stream)
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True, "ignore_eos": True},
+                          timeout=60) as raw:
+            events = raw.iter_lines()
+            assert next(events).startswith("data: {")
+            engine.kill()
+            tail = [line for line in events if line]
+        assert raw.status_code == 200 and tail[-1] == "data: [DONE]", tail[-3:]
+        err = json.loads(tail[-2].removeprefix("data: "))["error"]
+        assert err["code"] == "engine_unavailable" and "exited" in err["message"], err
+        assert set(err) == {"message", "type", "param", "code"}
+        with pytest.raises(openai.APIError) as raised:
+            list(sdk_stream)
+        # the error event itself, not a dropped connection (APIConnectionError is an APIError too)
+        assert type(raised.value) is openai.APIError and "exited" in raised.value.message
+
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4}
+        for path, request in (("/v1/completions", {**body, "n": 1}), ("/v1/chat/completions", chat)):
+            for stream in (True, False):
+                r = httpx.post(url + path, json={**request, "stream": stream}, timeout=30)
+                assert r.status_code == 503, (path, stream, r.status_code, r.text)
+                assert r.json()["error"]["code"] == "engine_unavailable"
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(**chat, stream=True)
+        assert refused.value.status_code == 503
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
