@@ -211,6 +211,27 @@ def _clean_files(clean_dir: Path) -> list[str]:
     return files
 
 
+def check_pack_accounting(files: list[str], source_stats: dict, splits: dict) -> None:
+    """Every clean document becomes exactly one packed document. Three counts made in
+    different places must agree: the rows the clean parquet files hold (their footers),
+    the clean stage's rows_out per source, and the documents the shard writers wrote per
+    source (train + val; curriculum buckets count toward their base source). A step that
+    lost or duplicated documents fails the stage here, before _SUCCESS."""
+    in_files = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    packed: dict[str, int] = {}
+    for split in SPLITS:
+        for source, s in splits[split].items():
+            packed[base_source(source)] = packed.get(base_source(source), 0) + s["docs"]
+    clean = {s: v.get("rows_out", 0) for s, v in source_stats.items() if v.get("rows_out", 0)}
+    problems = []
+    if sum(packed.values()) != in_files:
+        problems.append(f"the clean files hold {in_files} documents, {sum(packed.values())} were packed")
+    problems += [f"{s}: clean stats say {clean.get(s, 0)}, packed {packed.get(s, 0)}"
+                 for s in sorted(set(clean) | set(packed)) if clean.get(s, 0) != packed.get(s, 0)]
+    if problems:
+        raise RuntimeError("pack accounting broken (documents in != documents packed): " + "; ".join(problems))
+
+
 def pick_dtype(requested: str, info: TokenizerInfo) -> str:
     dtype = info.token_dtype if requested == "auto" else requested
     if dtype == "uint16" and info.vocab_size > 1 << 16:
@@ -257,6 +278,7 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     sink = _make_sink(out_dir.resolve(), cfg.write_doc_index)
     ds.write_datasink(sink)
     splits = finalize_shards(out_dir, sink.shards)
+    check_pack_accounting(files, source_stats, splits)
     # A copy of the tokenizer makes TOKENS_DIR self-contained: it can move to another
     # machine (a GPU node) and still decode, count bytes per token, and export.
     copy_tokenizer_files(cfg.tokenizer, out_dir / TOKENIZER_COPY)

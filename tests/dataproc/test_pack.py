@@ -132,3 +132,32 @@ def test_cli_bad_tokenizer_exits_2(clean_corpus, tmp_path):
     r = subprocess.run([sys.executable, "-m", "zerolm", "pack", "--input", str(clean_corpus), "--tokenizer",
                         str(tmp_path), "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and "not a tokenizer folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_documents_lost_or_duplicated_fail_the_stage(clean_corpus, tokenizer_dir, tmp_path):
+    """Pack checks its own accounting: a clean corpus whose files hold a document twice
+    (a second copy of one parquet file), or whose stats disagree with its files, fails
+    the stage with the counts, and leaves no _SUCCESS that would look done."""
+    import shutil
+
+    def pack(clean, out):
+        return run_pack(PackConfig(input=str(clean), tokenizer=str(tokenizer_dir), output=str(out)),
+                        echo=lambda *_: None)
+
+    dup = tmp_path / "dup_clean"
+    shutil.copytree(clean_corpus, dup)
+    first = sorted((dup / "data").glob("*.parquet"))[0]
+    shutil.copy(first, first.with_name("copy-" + first.name))
+    with pytest.raises(RuntimeError, match="pack accounting broken.*packed"):
+        pack(dup, tmp_path / "out1")
+    assert not (tmp_path / "out1" / "_SUCCESS").exists()
+
+    lying = tmp_path / "lying_clean"
+    shutil.copytree(clean_corpus, lying)
+    stats = json.loads((lying / "stats.json").read_text(encoding="utf-8"))
+    source = sorted(stats["sources"])[0]
+    stats["sources"][source]["rows_out"] += 1
+    (lying / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    with pytest.raises(RuntimeError, match=f"{source}: clean stats say"):
+        pack(lying, tmp_path / "out2")
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
