@@ -188,7 +188,7 @@ def bench_quality(data: Path) -> list[dict]:
     for thr, gray in ((0.8, 0.6), (0.9, 0.7)):
         rows.append(emit({"bench": "quality", "impl": "datasketch_lsh_0.8", "truth_threshold": thr,
                           "seconds": round(time.perf_counter() - t0, 1), **labelled.pair_metrics(pairs, truth, thr, gray)}))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     DataContext.get_current().shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     df = pd.DataFrame([{k: d[k] for k in ("id", "text", "source")} for d in docs])
     for method in ("minhash", "simhash"):
