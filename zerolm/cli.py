@@ -203,9 +203,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from zerolm.submit import submit_job
+    from zerolm import submit
 
-    return submit_job(args.address, args.command, working_dir=args.working_dir, wait=not args.no_wait)
+    actions = [name for name in ("list", "status", "logs", "stop") if getattr(args, name)]
+    if len(actions) > 1 or (actions and args.command):
+        raise UserError("give one of --list, --status, --logs, --stop, or a command after --")
+    client = submit.connect(args.address, args.token_file)
+    if args.list:
+        return submit.list_jobs(client)
+    if args.status:
+        return submit.report_status(client, args.status)
+    if args.logs:
+        return submit.show_logs(client, args.logs)
+    if args.stop:
+        return submit.stop_job(client, args.stop)
+    return submit.submit_job(client, args.command, working_dir=args.working_dir, wait=not args.no_wait)
 
 
 def _add_train_stages(train_sub) -> None:
@@ -345,10 +357,18 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
                       help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~4 more minutes)")
     demo.set_defaults(func=cmd_demo)
 
-    submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job")
-    submit.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job; list, "
+                                           "watch and stop jobs")
+    submit.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 "
+                                          "(default: $RAY_API_SERVER_ADDRESS, or an http $RAY_ADDRESS)")
+    submit.add_argument("--token-file", help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN, "
+                                             "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     submit.add_argument("--working-dir", default=None, help="folder uploaded with the job (configs, code)")
     submit.add_argument("--no-wait", action="store_true", help="return after submitting")
+    submit.add_argument("--list", action="store_true", help="list the cluster's jobs")
+    submit.add_argument("--status", metavar="JOB_ID", help="a job's status (exit 1 if it failed or was stopped)")
+    submit.add_argument("--logs", metavar="JOB_ID", help="print a job's logs so far")
+    submit.add_argument("--stop", metavar="JOB_ID", help="stop a running job")
     submit.add_argument("command", nargs=argparse.REMAINDER, help="the zerolm command line, after --")
     submit.set_defaults(func=cmd_submit)
     return parser
