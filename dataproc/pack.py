@@ -31,6 +31,7 @@ from dataproc.quality.curriculum import CurriculumConfig, apply_curriculum, extr
 from dataproc.tokenizer import TokenizerInfo, copy_tokenizer_files, load_tokenizer_dir, tokenizer_info
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
+from zerolm.lineage import describe
 from zerolm.stage import StageDir, require_done, write_json_atomic
 
 STAGE = "pack"
@@ -295,7 +296,7 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
         "elapsed_s": round(elapsed, 2),
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
-    stage.finish(tokens=manifest["totals"])
+    stage.finish(tokens=manifest["totals"], inputs=[describe("clean", clean_dir), describe("tokenizer", cfg.tokenizer)])
     echo(format_manifest(manifest))
     return manifest
 

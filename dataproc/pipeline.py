@@ -40,6 +40,7 @@ from dataproc.writer import make_sink
 from zerolm.config import config_hash
 from zerolm.errors import UserError
 from zerolm.ray_env import cluster_cpus, ensure_ray
+from zerolm.lineage import describe, raw_files
 from zerolm.stage import StageDir, write_json_atomic
 
 STAGE = "data"
@@ -218,6 +219,8 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
         stats["models"] = model_info
     write_json_atomic(out.path / "stats.json", stats)
     (out.path / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
-    out.finish(rows_out=stats["rows_out"])
+    inputs = raw_files("raw", ((t.fs_uri + t.path, t.size, t.mtime) for t in tasks))
+    inputs += [describe(f"{step}.model", getattr(cfg, step).model) for step in models.get("models", {})]
+    out.finish(rows_out=stats["rows_out"], inputs=inputs)
     echo(format_summary(stats))
     return stats

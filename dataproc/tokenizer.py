@@ -29,6 +29,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
+from zerolm.lineage import describe
 from zerolm.stage import OWNER, SUCCESS, StageDir, require_done, write_json_atomic
 
 STAGE = "tokenizer"
@@ -265,7 +266,7 @@ def train_tokenizer(cfg: TokenizerConfig, *, overwrite: bool = False, show_progr
     report["sha256"] = info.sha256
     write_json_atomic(out_dir / "report.json", report)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
-    stage.finish(vocab_size=info.vocab_size, sha256=info.sha256)
+    stage.finish(vocab_size=info.vocab_size, sha256=info.sha256, inputs=[describe("clean", clean_dir)])
     echo(format_report_table(report))
     return report
 

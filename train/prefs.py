@@ -30,6 +30,7 @@ from train.conversations import FORMATS, Reject, check_conversation, parse_files
 from train.sft_data import file_digest
 from zerolm.config import StrictModel, config_hash
 from zerolm.errors import UserError
+from zerolm.lineage import describe, from_lineage
 from zerolm.stage import StageDir, write_json_atomic
 
 STAGE = "prefs"
@@ -178,7 +179,8 @@ def run_prefs(cfg: PrefsConfig, *, overwrite: bool = False, echo=print) -> dict:
         for r in rejects:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     write_json_atomic(out / "stats.json", stats)
-    stage.finish(pairs=pairs_out)
+    inputs = [describe("model", cfg.model), *from_lineage({"prompts": lineage["prompts"]})]
+    stage.finish(pairs=pairs_out, inputs=inputs + ([describe("reward", cfg.reward)] if cfg.reward else []))
     return stats
 
 

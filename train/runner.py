@@ -25,6 +25,7 @@ from train.model_config import ModelConfig
 from train.stages import get_stage
 from zerolm.config import config_hash
 from zerolm.errors import UserError
+from zerolm.lineage import from_lineage
 from zerolm.stage import OWNER, StageDir, write_json_atomic
 
 # Keys that do not change what is trained: a run may resume with other values.
@@ -203,7 +204,7 @@ def run_stage(name: str, cfg: StageConfig, *, overwrite: bool = False, echo=prin
     echo(plan.describe)
     launch(cfg, {"stage": name, "total_steps": plan.total_steps}, echo=echo)
     result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
-    stage_dir.finish(steps=result["steps"], tokens_seen=result["tokens_seen"])
+    stage_dir.finish(steps=result["steps"], tokens_seen=result["tokens_seen"], inputs=from_lineage(plan.lineage))
     return result
 
 

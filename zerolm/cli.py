@@ -8,7 +8,9 @@ bad input) print one line and exit 2; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from zerolm.errors import UserError
 
@@ -202,6 +204,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    from zerolm.lineage import chain, format_chain
+
+    if not Path(args.dir).is_dir():
+        raise UserError(f"{args.dir} is not a folder")
+    tree = chain(args.dir)
+    print(json.dumps(tree, indent=2, ensure_ascii=False) if args.json else "\n".join(format_chain(tree)))
+    return 0
+
+
 def cmd_submit(args) -> int:
     from zerolm import submit
 
@@ -356,6 +368,11 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--rl", action="store_true",
                       help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~4 more minutes)")
     demo.set_defaults(func=cmd_demo)
+
+    lineage = sub.add_parser("lineage", help="what an output folder was made from, back to the raw files")
+    lineage.add_argument("dir", help="any finished output folder (clean corpus, tokenizer, tokens, run)")
+    lineage.add_argument("--json", action="store_true", help="the tree as JSON")
+    lineage.set_defaults(func=cmd_lineage)
 
     submit = sub.add_parser("submit", help="submit a zerolm command to a Ray cluster as a Ray job; list, "
                                            "watch and stop jobs")

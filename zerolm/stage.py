@@ -78,9 +78,13 @@ class StageDir:
         )
         return True
 
-    def finish(self, **extra) -> None:
-        """Write `_SUCCESS` last, atomically (write to a temp name, then rename)."""
-        info = {"stage": self.stage, "config_hash": self.config_hash, "finished": time.time(), **extra}
+    def finish(self, inputs: list[dict] | None = None, **extra) -> None:
+        """Write `_SUCCESS` last, atomically (write to a temp name, then rename). It holds
+        the lineage: `inputs` (records from zerolm/lineage.py) and package versions."""
+        from zerolm.lineage import versions
+
+        info = {"stage": self.stage, "config_hash": self.config_hash, "finished": time.time(),
+                "inputs": inputs or [], "versions": versions(), **extra}
         tmp = self.path / (SUCCESS + ".tmp")
         tmp.write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, self.success_file)
