@@ -204,6 +204,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_pipeline_run(args) -> int:
+    from zerolm.pipeline import load_pipeline, run_pipeline
+
+    cfg = load_pipeline(args.config, args.overrides, workdir=args.workdir, address=args.address)
+    run_pipeline(cfg, start=args.start, until=args.until, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_lineage(args) -> int:
     from zerolm.lineage import chain, format_chain
 
@@ -368,6 +376,19 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--rl", action="store_true",
                       help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~4 more minutes)")
     demo.set_defaults(func=cmd_demo)
+
+    pipeline = sub.add_parser("pipeline", help="every stage in order from one YAML file")
+    pipeline_sub = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+    prun = pipeline_sub.add_parser("run", help="run the pipeline's stages (each skipped when already done)")
+    prun.add_argument("config", help="PIPELINE.yaml: workdir, address, stages: {data: ..., tokenizer: ..., ...}")
+    prun.add_argument("--from", dest="start", help="first stage to run (earlier ones must be finished)")
+    prun.add_argument("--until", help="last stage to run")
+    prun.add_argument("--workdir", help="override the file's workdir")
+    prun.add_argument("--address", help="Ray cluster for every stage (default: local Ray)")
+    prun.add_argument("--overwrite", action="store_true", help="recompute stages that are already done")
+    prun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key, e.g. --set stages.pretrain.max_steps=100 (repeatable)")
+    prun.set_defaults(func=cmd_pipeline_run)
 
     lineage = sub.add_parser("lineage", help="what an output folder was made from, back to the raw files")
     lineage.add_argument("dir", help="any finished output folder (clean corpus, tokenizer, tokens, run)")
