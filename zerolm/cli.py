@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -196,9 +197,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _verbose(args) -> None:
+    if getattr(args, "verbose", False):
+        os.environ["ZEROLM_VERBOSE"] = "1"  # zerolm/ray_env.py: Ray's INFO lines stay on
+
+
 def cmd_demo(args) -> int:
     from zerolm.demo import run_demo
 
+    _verbose(args)
     run_demo(args.workdir, overwrite=args.overwrite, address=args.address,
              serve_port=None if args.no_serve else args.port, rl=args.rl)
     return 0
@@ -207,6 +214,7 @@ def cmd_demo(args) -> int:
 def cmd_pipeline_run(args) -> int:
     from zerolm.pipeline import load_pipeline, run_pipeline
 
+    _verbose(args)
     cfg = load_pipeline(args.config, args.overrides, workdir=args.workdir, address=args.address)
     run_pipeline(cfg, start=args.start, until=args.until, overwrite=args.overwrite)
     return 0
@@ -375,6 +383,7 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000, help="port of the demo server (default 8000)")
     demo.add_argument("--rl", action="store_true",
                       help="then GRPO with a verifiable arithmetic reward, printing its reward curve (~4 more minutes)")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's own INFO lines and warnings")
     demo.set_defaults(func=cmd_demo)
 
     pipeline = sub.add_parser("pipeline", help="every stage in order from one YAML file")
@@ -388,6 +397,7 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     prun.add_argument("--overwrite", action="store_true", help="recompute stages that are already done")
     prun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key, e.g. --set stages.pretrain.max_steps=100 (repeatable)")
+    prun.add_argument("--verbose", action="store_true", help="show Ray's own INFO lines and warnings")
     prun.set_defaults(func=cmd_pipeline_run)
 
     lineage = sub.add_parser("lineage", help="what an output folder was made from, back to the raw files")

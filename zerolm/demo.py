@@ -151,18 +151,32 @@ def _write_config(work: Path, name: str, data: dict) -> Path:
     return path
 
 
+def _demo_lines(work: Path):
+    """What the demo prints after a stage of its pipeline, besides the stage's own output."""
+    def after(name: str, result: dict) -> None:
+        ev = (result or {}).get("eval") or {}
+        if name == "pretrain":
+            bpb = {k.split("/")[1]: round(v, 3) for k, v in ev.items() if k.count("/") == 2 and k.endswith("bpb")}
+            print(f"validation bits per byte by source: {bpb}")
+        elif name == "sft":
+            print(f"held-out conversations: loss {ev.get('val/loss', float('nan')):.3f}, answers ending their turn "
+                  f"(val/end_rate) {ev.get('val/end_rate', float('nan')):.2f}")
+        elif name == "dpo":
+            from train.metrics import read_metrics
+
+            before = next((r for r in read_metrics(work / "runs" / "dpo", "eval") if r["step"] == 0), {})
+            print(f"held-out pairs whose chosen answer the model prefers (per-token log-prob): before DPO "
+                  f"{before.get('val/logp_accuracy', float('nan')):.3f}, after "
+                  f"{ev.get('val/logp_accuracy', float('nan')):.3f}; DPO reward accuracy (log ratio to the SFT "
+                  f"model) {ev.get('val/reward_accuracy', float('nan')):.3f}")
+    return after
+
+
 def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | None = None,
              serve_port: int | None = 8000, rl: bool = False) -> dict:
-    from dataproc.config import DataRunConfig
-    from dataproc.pack import PackConfig, run_pack
-    from dataproc.pipeline import run_data
-    from dataproc.tokenizer import TokenizerConfig, train_tokenizer
-    from train.config import PretrainConfig
-    from train.runner import run_stage
-    from train.dpo import DPOConfig
-    from train.prefs import PrefsConfig, run_prefs
-    from train.sft import SFTConfig
+    from zerolm.curves import plot_curves
     from zerolm.demo_sft import write_demo_sft
+    from zerolm.pipeline import PipelineConfig, run_pipeline
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -181,79 +195,36 @@ def run_demo(workdir: str | Path, *, overwrite: bool = False, address: str | Non
     models = train_demo_models(corpus, work / "models", echo=print)
     outputs["models"] = work / "models"
 
-    _banner("clean: zerolm data run (normalize, filters, exact + MinHash near dedup, langid, quality, perplexity)")
-    data_cfg = demo_data_config(corpus, work / "clean", address, models)
-    _write_config(work, "data", data_cfg)
-    run_data(DataRunConfig.model_validate(data_cfg), overwrite=overwrite)
-    outputs["clean"] = work / "clean"
-
-    _banner("tokenizer: zerolm tokenizer train (byte-level BPE, zh/en)")
-    tok_cfg = {"input": str(work / "clean"), "output": str(work / "tokenizer"), "vocab_size": 8000}
-    _write_config(work, "tokenizer", tok_cfg)
-    train_tokenizer(TokenizerConfig.model_validate(tok_cfg), overwrite=overwrite)
-    outputs["tokenizer"] = work / "tokenizer"
-
-    _banner("tokens: zerolm pack (train/val per source)")
-    pack_cfg = {"input": str(work / "clean"), "tokenizer": str(work / "tokenizer"), "output": str(work / "tokens"),
-                "address": address}
-    _write_config(work, "pack", pack_cfg)
-    run_pack(PackConfig.model_validate(pack_cfg), overwrite=overwrite)
-    outputs["tokens"] = work / "tokens"
-
-    _banner("pretrain: zerolm train pretrain (Ray Train, 2 workers, DeepSpeed ZeRO-2, CPU)")
-    train_cfg = demo_train_config(work / "tokens", work / "runs" / "pretrain", address)
-    _write_config(work, "pretrain", train_cfg)
-    result = run_stage("pretrain", PretrainConfig.model_validate(train_cfg), overwrite=overwrite)
-    bpb = {k.split("/")[1]: round(v, 3) for k, v in (result.get("eval") or {}).items() if k.count("/") == 2
-           and k.endswith("bpb")}
-    print(f"validation bits per byte by source: {bpb}")
-    outputs["run"] = work / "runs" / "pretrain"
-    outputs["hf export"] = work / "runs" / "pretrain" / "hf"
-
-    _banner("evaluate: zerolm eval --task bpb (val split of every source)")
-    from serve.eval.report import to_markdown, write_report
-    from serve.eval.run import run_eval
-
-    report = run_eval(str(outputs["run"]), "bpb", [str(work / "tokens")], limit=50)
-    print(to_markdown(report))
-    outputs["eval"] = write_report(report, work / "eval" / "bpb.json")
-
-    _banner("sft: zerolm train sft (chat template, answers only, packed; Ray Train, 2 workers, ZeRO-2)")
     sft_data = write_demo_sft(work / "sft_data")
-    sft_cfg = demo_sft_config(outputs["run"], sft_data, work / "runs" / "chat", address)
-    _write_config(work, "sft", sft_cfg)
-    result = run_stage("sft", SFTConfig.model_validate(sft_cfg), overwrite=overwrite)
-    ev = result.get("eval") or {}
-    print(f"held-out conversations: loss {ev.get('val/loss', float('nan')):.3f}, answers ending their turn "
-          f"(val/end_rate) {ev.get('val/end_rate', float('nan')):.2f}")
     outputs["sft data"] = work / "sft_data"
-    outputs["chat run"] = work / "runs" / "chat"
-
-    _banner("prefs: zerolm data prefs (chosen: the dataset's answer, rejected: the chat model's sample)")
-    prefs_cfg = demo_prefs_config(outputs["chat run"], sft_data, work / "prefs")
-    _write_config(work, "prefs", prefs_cfg)
-    run_prefs(PrefsConfig.model_validate(prefs_cfg), overwrite=overwrite)
-    outputs["pairs"] = work / "prefs"
-
-    _banner("dpo: zerolm train dpo (frozen reference; Ray Train, 2 workers, ZeRO-2)")
-    dpo_cfg = demo_dpo_config(outputs["chat run"], outputs["pairs"], work / "runs" / "dpo", address)
-    _write_config(work, "dpo", dpo_cfg)
-    result = run_stage("dpo", DPOConfig.model_validate(dpo_cfg), overwrite=overwrite)
-    from train.metrics import read_metrics
-
-    before = next((r for r in read_metrics(work / "runs" / "dpo", "eval") if r["step"] == 0), {})
-    ev = result.get("eval") or {}
-    print(f"held-out pairs whose chosen answer the model prefers (per-token log-prob): before DPO "
-          f"{before.get('val/logp_accuracy', float('nan')):.3f}, after {ev.get('val/logp_accuracy', float('nan')):.3f}; "
-          f"DPO reward accuracy (log ratio to the SFT model) {ev.get('val/reward_accuracy', float('nan')):.3f}")
-    outputs["dpo run"] = work / "runs" / "dpo"
+    runs = work / "runs"
+    stages = {  # the pipeline with the demo's embedded defaults (`zerolm pipeline run`)
+        "data": demo_data_config(corpus, work / "clean", address, models),
+        "tokenizer": {"vocab_size": 8000},
+        "pack": {},
+        "pretrain": demo_train_config(work / "tokens", runs / "pretrain", address),
+        "sft": demo_sft_config(runs / "pretrain", sft_data, runs / "chat", address),
+        "prefs": demo_prefs_config(runs / "chat", sft_data, work / "prefs"),
+        "dpo": demo_dpo_config(runs / "chat", work / "prefs", runs / "dpo", address),
+        "eval": {"model": str(runs / "pretrain"), "task": "bpb", "limit": 50},
+    }
+    pipeline = PipelineConfig(workdir=str(work), address=address, stages=stages)
+    run_pipeline(pipeline, overwrite=overwrite, after=_demo_lines(work))
+    outputs.update({"clean": work / "clean", "tokenizer": work / "tokenizer", "tokens": work / "tokens",
+                    "run": runs / "pretrain", "hf export": runs / "pretrain" / "hf", "chat run": runs / "chat",
+                    "pairs": work / "prefs", "dpo run": runs / "dpo", "eval": work / "eval" / "bpb.json"})
     if rl:
         outputs.update(_demo_rl(work, outputs["chat run"], address, overwrite))
 
+    plot = plot_curves(work, runs, work / "curves.png")
     _banner(f"done in {time.time() - started:.0f}s; outputs")
     for name, path in outputs.items():
         print(f"  {name:<10} {path}")
-    print(f"  configs    {work / 'configs'}  (re-run a stage: zerolm data run --config {work / 'configs' / 'data.yaml'})")
+    print(f"  report     {work / 'report.json'}  (every stage: status, seconds, numbers)")
+    if plot:
+        print(f"  curves     {plot}  (training loss and validation bits per byte)")
+    print(f"  configs    {work / 'configs'}  (each stage's config as the pipeline ran it)")
+    print(f"  lineage:   zerolm lineage {runs / 'dpo'}")
     print(f"  load it:   transformers.AutoModelForCausalLM.from_pretrained('{outputs['hf export']}')")
     if serve_port:
         _serve(outputs["run"], outputs["dpo run"], serve_port, outputs.get("grpo run"))

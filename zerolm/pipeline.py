@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import yaml
 from pydantic import Field, ValidationError
 
 from zerolm.config import (StrictModel, config_hash, deep_merge, format_validation_error, load_yaml,
                            parse_override, set_path)
 from zerolm.errors import UserError
-from zerolm.stage import SUCCESS, StageDir, require_done, write_json_atomic
+from zerolm.stage import OWNER, SUCCESS, StageDir, require_done, write_json_atomic
 
 TRAIN_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo")
 STAGE_ORDER = ("data", "tokenizer", "pack", "pretrain", "sft", "reward", "prefs", "dpo", "grpo", "ppo", "eval",
@@ -66,6 +67,8 @@ def load_pipeline(path: str | None, overrides: list[str] = (), **top) -> Pipelin
     if not cfg.stages:
         raise UserError("pipeline: no stages (give a `stages:` mapping)")
     for name, stage_cfg in wired(cfg).items():  # every stage's config checked before the first one runs
+        if name == "eval" and not (stage_cfg.get("model") and stage_cfg.get("data")):
+            raise UserError("pipeline stage eval: needs model and data (or a training stage and pack before it)")
         if name in CONFIGS:
             try:
                 CONFIGS[name]().model_validate(stage_cfg)
@@ -93,35 +96,41 @@ CONFIGS = {"data": _config_class("dataproc.config", "DataRunConfig"),
            **{name: _train_config(name) for name in TRAIN_STAGES}}
 
 
+DEFAULT_OUTPUTS = {"data": "clean", "tokenizer": "tokenizer", "pack": "tokens", "prefs": "prefs", "eval": "eval",
+                   **{name: f"runs/{name}" for name in TRAIN_STAGES}}
+
+
 def wired(cfg: PipelineConfig) -> dict[str, dict]:
-    """Each listed stage's config: the wiring defaults under the stage's own keys."""
+    """Each listed stage's config: the wiring defaults under the stage's own keys. A
+    stage's inputs default to the outputs (as configured) of the stages before it."""
     work = Path(cfg.workdir).resolve()
     has = set(cfg.stages)
-    runs = {name: str(work / "runs" / name) for name in TRAIN_STAGES}
+    out = {name: str(Path(cfg.stages[name].get("output") or work / DEFAULT_OUTPUTS[name]).resolve())
+           if name in has else str(work / DEFAULT_OUTPUTS[name]) for name in DEFAULT_OUTPUTS}
     scaling = {"scaling": {"address": cfg.address}} if cfg.address else {}
-    chat = runs["sft"] if "sft" in has else None
-    last_model = next((runs[name] for name in MODEL_STAGES if name in has), None)
+    chat = out["sft"] if "sft" in has else None
+    policy = out["dpo"] if "dpo" in has else chat  # what online RL starts from
+    last_model = next((out[name] for name in MODEL_STAGES if name in has), None)
     defaults = {
-        "data": {"output": str(work / "clean"), "ray": {"address": cfg.address}},
-        "tokenizer": {"input": str(work / "clean"), "output": str(work / "tokenizer")},
-        "pack": {"input": str(work / "clean"), "tokenizer": str(work / "tokenizer"), "output": str(work / "tokens"),
-                 "address": cfg.address},
-        "pretrain": {"output": runs["pretrain"], "data": {"tokens": str(work / "tokens")}, **scaling},
-        "sft": {"output": runs["sft"], **({"init_from": runs["pretrain"]} if "pretrain" in has else {}), **scaling},
-        "reward": {"output": runs["reward"], **({"init_from": chat} if chat else {}), **scaling},
-        "prefs": {"output": str(work / "prefs"), **({"model": chat} if chat else {})},
-        "dpo": {"output": runs["dpo"], **({"init_from": chat} if chat else {}),
-                **({"data": {"paths": [str(work / "prefs" / "pairs" / "*.parquet")]}} if "prefs" in has else {}),
+        "data": {"ray": {"address": cfg.address}},
+        "tokenizer": {"input": out["data"]},
+        "pack": {"input": out["data"], "tokenizer": out["tokenizer"], "address": cfg.address},
+        "pretrain": {"data": {"tokens": out["pack"]}, **scaling},
+        "sft": {**({"init_from": out["pretrain"]} if "pretrain" in has else {}), **scaling},
+        "reward": {**({"init_from": chat} if chat else {}), **scaling},
+        "prefs": {**({"model": chat} if chat else {})},
+        "dpo": {**({"init_from": chat} if chat else {}),
+                **({"data": {"paths": [str(Path(out["prefs"]) / "pairs" / "*.parquet")]}} if "prefs" in has else {}),
                 **scaling},
-        "grpo": {"output": runs["grpo"], **({"init_from": runs["dpo"] if "dpo" in has else chat} if chat else {}),
-                 **scaling},
-        "ppo": {"output": runs["ppo"], **({"init_from": runs["dpo"] if "dpo" in has else chat} if chat else {}),
-                **({"reward": runs["reward"]} if "reward" in has else {}), **scaling},
-        "eval": {"output": str(work / "eval"), "task": "bpb", "limit": 50,
-                 **({"model": last_model} if last_model else {}),
-                 **({"data": [str(work / "tokens")]} if "pack" in has else {})},
+        "grpo": {**({"init_from": policy} if policy else {}), **scaling},
+        "ppo": {**({"init_from": policy} if policy else {}), **({"reward": out["reward"]} if "reward" in has else {}),
+                **scaling},
+        "eval": {"task": "bpb", "limit": 50, **({"model": last_model} if last_model else {}),
+                 **({"data": [out["pack"]]} if "pack" in has else {})},
         "serve": {"port": 8000, "models": {name: name for name in ("pretrain", "dpo") if name in has}},
     }
+    for name in DEFAULT_OUTPUTS:
+        defaults[name]["output"] = out[name]
     return {name: deep_merge(defaults[name], cfg.stages[name] or {}) for name in STAGE_ORDER if name in cfg.stages}
 
 
@@ -150,8 +159,8 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | 
         if name == "serve":
             continue  # last, after the report
         stage_cfg = configs[name]
-        (work / "configs" / f"{name}.json").write_text(json.dumps(stage_cfg, indent=2, ensure_ascii=False),
-                                                       encoding="utf-8")
+        (work / "configs" / f"{name}.yaml").write_text(  # rerun alone: zerolm ... --config configs/NAME.yaml
+            yaml.safe_dump(stage_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
         echo(f"\n=== {name} ===")
         out = Path(stage_cfg["output"])
         before = _success_text(out)
@@ -229,6 +238,9 @@ def _eval(cfg: dict, overwrite: bool, echo) -> dict:
     stage = StageDir(out, "eval", config_hash({"model": model, "model_hash": model_info.get("config_hash"),
                                                "task": task, "data": data, "data_success": data_hashes, **cfg}))
     report_path = out / f"{task}.json"
+    if out.is_dir() and not (out / OWNER).exists() and all(p.suffix == ".json" for p in out.iterdir()):
+        for old in out.iterdir():  # reports `zerolm demo` wrote before eval had a _SUCCESS: recomputed
+            old.unlink()
     if not stage.begin(overwrite=overwrite):
         echo(f"{out} already holds this evaluation (nothing to do)")
         return json.loads(report_path.read_text(encoding="utf-8"))

@@ -11,15 +11,36 @@ import logging
 import os
 
 
+# Ray's own chatter kept off the user's terminal unless asked for (`--verbose`, or
+# ZEROLM_VERBOSE=1): Ray Data's progress lines (which count Ray's rows, not zerolm's:
+# "27,914 rows written" for 24,198 documents), its execution plans, the token-auth notice.
+QUIET_LOGGERS = {"ray.data": logging.WARNING, "ray.train": logging.WARNING, "ray.tune": logging.WARNING,
+                 "ray._private.authentication": logging.ERROR}
+
+
+def verbose() -> bool:
+    return os.environ.get("ZEROLM_VERBOSE", "") not in ("", "0", "false")
+
+
+def quiet_ray_logs() -> None:
+    if verbose():
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """What workers print reaches the driver (training progress lines); Ray's own
-    logging is kept to warnings."""
+    logging is kept to warnings, and its INFO chatter off unless --verbose."""
     import ray
 
     if ray.is_initialized():
         return
+    import ray.data  # noqa: F401 - configures its loggers on import; quiet them after that
+
+    quiet_ray_logs()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = dict(log_to_driver=True, logging_level=logging.WARNING)
+    kwargs = dict(log_to_driver=True, logging_level=logging.INFO if verbose() else logging.WARNING)
     if address:
         ray.init(address=address, **kwargs)
     elif num_cpus:
@@ -32,6 +53,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # process also serves Ray's State API, which Ray Train's placement group
         # cleaner polls; without it that actor logs a warning every few seconds.
         ray.init(address="local", include_dashboard=True, **kwargs)
+    quiet_ray_logs()  # init may have configured Ray's loggers again
 
 
 def cluster_cpus() -> int:
