@@ -1,0 +1,37 @@
+"""Ray's own INFO lines stay off the user's terminal unless --verbose: a Ray Data job
+in a fresh process (its own local Ray) prints none of them; with ZEROLM_VERBOSE=1 it does."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+INFO = re.compile(r"\sINFO\s")  # Ray's log lines: "<time>\tINFO <file>:<line> -- ..."
+JOB = """
+from zerolm.ray_env import ensure_ray
+ensure_ray(num_cpus=1)
+import ray
+print("rows", ray.data.range(1000).map_batches(lambda b: b).count())
+"""
+
+
+def run(verbose: bool) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ZEROLM_VERBOSE")}
+    if verbose:
+        env["ZEROLM_VERBOSE"] = "1"
+    return subprocess.run([sys.executable, "-c", JOB], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_ray_info_lines_only_when_verbose():
+    quiet = run(False)
+    assert quiet.returncode == 0 and "rows 1000" in quiet.stdout, quiet.stderr[-2000:]
+    assert not INFO.search(quiet.stdout + quiet.stderr), (quiet.stdout + quiet.stderr)[-2000:]
+    assert "Token authentication" not in quiet.stderr
+    loud = run(True)
+    assert loud.returncode == 0 and INFO.search(loud.stdout + loud.stderr)
