@@ -393,7 +393,8 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     prun.add_argument("--from", dest="start", help="first stage to run (earlier ones must be finished)")
     prun.add_argument("--until", help="last stage to run")
     prun.add_argument("--workdir", help="override the file's workdir")
-    prun.add_argument("--address", help="Ray cluster for every stage (default: local Ray)")
+    prun.add_argument("--address", help="Ray cluster for every stage, e.g. ray://HEAD:10001 (default: local Ray; "
+                                          "or submit the whole pipeline: zerolm submit -- pipeline run ...)")
     prun.add_argument("--overwrite", action="store_true", help="recompute stages that are already done")
     prun.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key, e.g. --set stages.pretrain.max_steps=100 (repeatable)")

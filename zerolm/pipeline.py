@@ -1,7 +1,7 @@
 """`zerolm pipeline run PIPELINE.yaml`: every stage in order, in one command.
 
     workdir: runs/zh_en             # every output below it, unless a stage names its own
-    address: null                   # a Ray cluster for every stage (or --address)
+    address: null                   # a Ray cluster for every stage: ray://HEAD:10001 (or --address)
     stages:                         # the stages to run, each with its usual config
       data: {read: {inputs: [{path: raw/*.jsonl, source: web}]}}
       tokenizer: {vocab_size: 32000}
@@ -67,6 +67,8 @@ def load_pipeline(path: str | None, overrides: list[str] = (), **top) -> Pipelin
     if not cfg.stages:
         raise UserError("pipeline: no stages (give a `stages:` mapping)")
     for name, stage_cfg in wired(cfg).items():  # every stage's config checked before the first one runs
+        if name == "serve" and set(stage_cfg) - {"models", "port"}:
+            raise UserError(f"pipeline stage serve: unknown key(s) {sorted(set(stage_cfg) - {'models', 'port'})}")
         if name == "eval" and not (stage_cfg.get("model") and stage_cfg.get("data")):
             raise UserError("pipeline stage eval: needs model and data (or a training stage and pack before it)")
         if name in CONFIGS:

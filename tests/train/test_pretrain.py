@@ -69,6 +69,23 @@ def test_killed_worker_resumes_to_the_same_losses(uninterrupted, tokens_dir, tmp
     assert not list(checkpoint_root(out).glob(f"{TMP_PREFIX}*"))
 
 
+@pytest.mark.slow
+def test_ray_train_restarts_a_failed_worker_group_from_its_checkpoint(uninterrupted, tokens_dir, tmp_path,
+                                                                      monkeypatch):
+    """scaling.max_failures: a worker process that dies mid-run (os._exit after step 5)
+    makes Ray Train's FailureConfig start the group again, which resumes from the step-3
+    checkpoint; the one command finishes with the uninterrupted run's loss curve."""
+    ref_dir, _ = uninterrupted
+    out = tmp_path / "run"
+    monkeypatch.setenv("ZEROLM_CRASH_AT_STEP", "5")
+    monkeypatch.setenv("ZEROLM_CRASH_MARKER", str(tmp_path / "crashed"))
+    result = run_stage("pretrain", config(tokens_dir, out, scaling={"num_workers": 2, "max_failures": 1}),
+                       echo=lambda *_: None)
+    assert (tmp_path / "crashed").exists() and result["steps"] == 8
+    assert losses(out) == losses(ref_dir)  # one clean curve: the rows of steps 4-5 were cut on resume
+    assert [s for s, _ in list_checkpoints(out)] == [6, 8]
+
+
 def test_rerun_of_finished_run_is_noop(uninterrupted, tokens_dir):
     out, result = uninterrupted
     assert run_stage("pretrain", config(tokens_dir, out), echo=lambda *_: None) == result
