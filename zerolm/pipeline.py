@@ -42,6 +42,15 @@ from zerolm.stage import OWNER, SUCCESS, StageDir, require_done, write_json_atom
 TRAIN_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo")
 STAGE_ORDER = ("data", "tokenizer", "pack", "pretrain", "sft", "reward", "prefs", "dpo", "grpo", "ppo", "eval",
                "serve")
+TITLES = {  # what each stage is, as the CLI says it
+    "data": "zerolm data run (read, normalize, filter, exact + near dedup, write)",
+    "tokenizer": "zerolm tokenizer train (byte-level BPE)",
+    "pack": "zerolm pack (tokenize, train/val per source)",
+    "pretrain": "zerolm train pretrain", "sft": "zerolm train sft (chat template, answers only)",
+    "reward": "zerolm train reward", "prefs": "zerolm data prefs (dataset answers vs the model's samples)",
+    "dpo": "zerolm train dpo (frozen reference)", "grpo": "zerolm train grpo", "ppo": "zerolm train ppo",
+    "eval": "zerolm eval",
+}
 MODEL_STAGES = ("ppo", "grpo", "dpo", "sft", "pretrain")  # the last model of a pipeline: the first present
 
 
@@ -163,7 +172,7 @@ def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, until: str | 
         stage_cfg = configs[name]
         (work / "configs" / f"{name}.yaml").write_text(  # rerun alone: zerolm ... --config configs/NAME.yaml
             yaml.safe_dump(stage_cfg, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        echo(f"\n=== {name} ===")
+        echo(f"\n=== {name}: {TITLES[name]} ===")
         out = Path(stage_cfg["output"])
         before = _success_text(out)
         started = time.time()
