@@ -4,22 +4,24 @@
 # ../shared/data/sft and report the held-out val/loss and val/end_rate per evaluation
 # (greedy answers through the serving engine that end with <|im_end|> in time).
 #
-#   bash bench/sft_quality.sh [WORKDIR]      (about 30 minutes on 2 cores)
+#   bash bench/sft_quality.sh [WORKDIR]      (about an hour on 2 cores)
 #
-# Knobs (environment): PRETRAIN_STEPS, SFT_EPOCHS, DIM, LAYERS, SEQ, MAX_NEW, EVAL_EVERY, PRECISION
-# (fp32, or amp_bf16: bf16 autocast, several times faster on CPUs with AMX-BF16).
+# Knobs (environment): PRETRAIN_STEPS, SFT_EPOCHS, DIM, LAYERS, SEQ, MAX_NEW, EVAL_EVERY, GENERATE, PRECISION
+# (amp_bf16: bf16 autocast, faster on CPUs with AVX512-BF16 or AMX; or fp32). The defaults are
+# the recipe recorded in docs/benchmarks.md (issue 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 W=${1:-/tmp/zerolm-sft-quality}
-PRETRAIN_STEPS=${PRETRAIN_STEPS:-600}
-SFT_EPOCHS=${SFT_EPOCHS:-4}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
+SFT_EPOCHS=${SFT_EPOCHS:-24}
 DIM=${DIM:-256}
 LAYERS=${LAYERS:-4}
 SEQ=${SEQ:-512}
 MAX_NEW=${MAX_NEW:-448}
-PRECISION=${PRECISION:-fp32}
-EVAL_EVERY=${EVAL_EVERY:-100}
+PRECISION=${PRECISION:-amp_bf16}
+EVAL_EVERY=${EVAL_EVERY:-312}
+GENERATE=${GENERATE:-94}  # held-out prompts answered greedily per eval (94 = all of them)
 mkdir -p "$W"
 P=$DATA/pretrain
 time python3 -m zerolm data run --output "$W/clean" \
@@ -37,7 +39,7 @@ time python3 -m zerolm train pretrain --data "$W/tokens" --output "$W/base" --pr
   --set deepspeed.precision=$PRECISION
 time python3 -m zerolm train sft --init "$W/base" --data "$DATA/sft/*.json" "$DATA/sft/*.jsonl" --output "$W/chat" \
   --set data.seq_len=$SEQ --set data.micro_batch_size=8 --set epochs=$SFT_EPOCHS --set optim.lr=1e-3 \
-  --set 'data.placeholders={name: Zero, author: zerolm}' --set eval.every=$EVAL_EVERY --set eval.generate=64 \
+  --set 'data.placeholders={name: Zero, author: zerolm}' --set eval.every=$EVAL_EVERY --set eval.generate=$GENERATE \
   --set eval.max_new_tokens=$MAX_NEW --set checkpoint.every=0 --set log_every=50 --set scaling.launcher=local \
   --set deepspeed.precision=$PRECISION
 python3 - "$W/chat" <<'EOF'
