@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 import time
@@ -219,7 +220,10 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
         stats["models"] = model_info
     write_json_atomic(out.path / "stats.json", stats)
     (out.path / "config.json").write_text(cfg.model_dump_json(indent=2), encoding="utf-8")
-    inputs = raw_files("raw", ((t.fs_uri + t.path, t.size, t.mtime) for t in tasks))
+    # Local files by their real path (a symlinked data folder names the same file as
+    # lineage records of other stages do); remote ones by their URI.
+    inputs = raw_files("raw", ((t.fs_uri + t.path if t.fs_uri else os.path.realpath(t.path), t.size, t.mtime)
+                               for t in tasks))
     inputs += [describe(f"{step}.model", getattr(cfg, step).model) for step in models.get("models", {})]
     out.finish(rows_out=stats["rows_out"], inputs=inputs)
     echo(format_summary(stats))

@@ -33,8 +33,10 @@ class RayHead:
 
     def env(self, **extra) -> dict:
         """The environment of a client on another machine: no token unless given."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS")}
+        # RAY_AUTH_MODE too: a local ray.init() earlier in the test process (the session's
+        # Ray) sets it to "token", and such a client would word its refusals differently.
+        env = {k: v for k, v in os.environ.items() if k not in (
+            "RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE")}
         return {**env, "HOME": str(self.home.parent / "client-home"), **extra}
 
     def stop(self) -> None:

@@ -33,7 +33,7 @@ def test_without_the_token_it_is_a_one_line_error(head):
     r = zerolm(head, "--list")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "Authentication" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr, r.stderr
+    assert "authentication" in r.stderr.lower() and "RAY_AUTH_TOKEN" in r.stderr, r.stderr
     wrong = head.env(RAY_AUTH_TOKEN="0" * 64)
     r = zerolm(head, "--list", env=wrong)
     assert r.returncode == 2 and "Invalid authentication token" in r.stderr, r.stderr
