@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,11 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serve.serving import free_port
 
 
 @dataclass
@@ -55,8 +50,7 @@ class RayHead:
         psutil.wait_procs(mine, timeout=20)
 
 
-def start_head(root: Path, *, num_cpus: int = 2, token: bool = True, extra_args: tuple = (),
-               extra_env: dict | None = None, port: int | None = None) -> RayHead:
+def start_head(root: Path, *, num_cpus: int = 2, token: bool = True) -> RayHead:
     home = root / "head-home"
     (home / ".ray").mkdir(parents=True)
     (root / "client-home").mkdir()
@@ -67,8 +61,8 @@ def start_head(root: Path, *, num_cpus: int = 2, token: bool = True, extra_args:
     temp = Path(f"/tmp/zh-{secrets.token_hex(4)}")
     dashboard_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
-    cmd = ["ray", "start", "--head", "--temp-dir", str(temp), "--port", str(port or free_port()),
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    cmd = ["ray", "start", "--head", "--temp-dir", str(temp), "--port", str(free_port()),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
            "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
            # Ray's fixed default ports (the job agent's 52365, metrics, runtime env) may be
@@ -77,7 +71,7 @@ def start_head(root: Path, *, num_cpus: int = 2, token: bool = True, extra_args:
            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-           "--disable-usage-stats", *extra_args]
+           "--disable-usage-stats"]
     head = RayHead(home, secret, f"http://127.0.0.1:{dashboard_port}")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:

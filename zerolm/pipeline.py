@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError
 from zerolm.config import (StrictModel, config_hash, deep_merge, format_validation_error, load_yaml,
                            parse_override, set_path)
 from zerolm.errors import UserError
-from zerolm.stage import OWNER, SUCCESS, StageDir, require_done, write_json_atomic
+from zerolm.stage import OWNER, SUCCESS, StageDir, write_json_atomic
 
 TRAIN_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo")
 STAGE_ORDER = ("data", "tokenizer", "pack", "pretrain", "sft", "reward", "prefs", "dpo", "grpo", "ppo", "eval",
@@ -244,14 +244,13 @@ def _eval(cfg: dict, overwrite: bool, echo) -> dict:
     out, model, task, data = Path(cfg.pop("output")), cfg.pop("model", None), cfg.pop("task"), cfg.pop("data", None)
     if not model or not data:
         raise UserError("pipeline eval: needs `model` and `data` (or a training stage and pack in the pipeline)")
-    model_info = require_done(model, Path(model).name) if (Path(model) / SUCCESS).exists() else {}
-    data_hashes = [_success_text(Path(d)) for d in data]
-    stage = StageDir(out, "eval", config_hash({"model": model, "model_hash": model_info.get("config_hash"),
-                                               "task": task, "data": data, "data_success": data_hashes, **cfg}))
+    # The model's and the data's own _SUCCESS (None for an HF folder from elsewhere): a
+    # retrained model or repacked tokens make this another evaluation.
+    inputs = [_success_text(Path(model))] + [_success_text(Path(d)) for d in data]
+    stage = StageDir(out, "eval", config_hash({"model": model, "task": task, "data": data, "inputs": inputs, **cfg}))
     report_path = out / f"{task}.json"
-    if out.is_dir() and not (out / OWNER).exists() and all(p.suffix == ".json" for p in out.iterdir()):
-        for old in out.iterdir():  # reports `zerolm demo` wrote before eval had a _SUCCESS: recomputed
-            old.unlink()
+    for old in _old_eval_reports(out):  # `zerolm demo` wrote eval/bpb.json before eval had a _SUCCESS
+        old.unlink()
     if not stage.begin(overwrite=overwrite):
         echo(f"{out} already holds this evaluation (nothing to do)")
         return json.loads(report_path.read_text(encoding="utf-8"))
@@ -262,6 +261,22 @@ def _eval(cfg: dict, overwrite: bool, echo) -> dict:
 
     stage.finish(inputs=[describe("model", model)] + [describe("data", d) for d in data])
     return report
+
+
+def _old_eval_reports(out: Path) -> list[Path]:
+    """A folder of nothing but eval reports (JSON with "task" and "model") that no stage
+    claims: made by an older zerolm, safe to recompute. Anything else in it keeps the
+    stage protocol's refusal (a user's files are never deleted)."""
+    if not out.is_dir() or (out / OWNER).exists():
+        return []
+    entries = list(out.iterdir())
+    try:
+        if entries and all(p.suffix == ".json" and {"task", "model"} <= set(json.loads(p.read_text("utf-8")))
+                           for p in entries):
+            return entries
+    except (OSError, ValueError, TypeError):
+        pass
+    return []
 
 
 RUNNERS = {"data": _data, "tokenizer": _tokenizer, "pack": _pack, "prefs": _prefs, "eval": _eval,
@@ -301,7 +316,7 @@ def summary(name: str, result: dict) -> dict:
     if name == "prefs":
         return {k: result.get(k) for k in ("prompts", "pairs_out", "dropped") if k in result}
     if name == "eval":
-        overall = (result.get("results") or {}).get("overall") or result.get("overall") or {}
+        overall = result.get("overall") or {}
         return {k: v for k, v in overall.items() if isinstance(v, (int, float))}
     ev = result.get("eval") or {}
     numbers = {"steps": result.get("steps")}

@@ -61,3 +61,15 @@ def wait_idle(url: str, quiet: float = 1.0, timeout: float = 60, headers: dict |
             return now
         last = now
     raise AssertionError(f"the engine still decodes after {timeout} s")
+
+
+def running_server(model_dir: Path, *args: str):
+    """A generator for a module fixture: start `zerolm serve` on the model with extra
+    flags, yield its URL once healthy, stop it afterwards."""
+    proc, url = start_server(model_dir, *args)
+    try:
+        wait_healthy(proc, url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

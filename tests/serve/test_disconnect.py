@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from tests.serve.serving import decode_steps, start_server, wait_healthy, wait_idle
+from tests.serve.serving import decode_steps, running_server, wait_idle
 
 MAX_TOKENS = 240  # nearly the tiny model's whole context: seconds of decoding at batch 32
 LONG = {"model": "tiny", "prompt": "中华人民共和国", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -22,11 +22,7 @@ LONG = {"model": "tiny", "prompt": "中华人民共和国", "max_tokens": MAX_TO
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    proc, url = start_server(tiny_model_dir, "--max-batch", "64")
-    wait_healthy(proc, url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from running_server(tiny_model_dir, "--max-batch", "64")
 
 
 def open_stream_and_leave(url: str) -> None:

@@ -12,7 +12,7 @@ import random
 import httpx
 import pytest
 
-from tests.serve.serving import start_server, wait_healthy
+from tests.serve.serving import running_server
 
 CASES = 240
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}
@@ -68,11 +68,7 @@ def cases(seed: int):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
-    proc, url = start_server(tiny_model_dir, "--max-batch", "16")
-    wait_healthy(proc, url)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    yield from running_server(tiny_model_dir, "--max-batch", "16")
 
 
 def test_fuzzed_requests_never_get_a_5xx_and_errors_keep_their_shape(server):

@@ -20,7 +20,8 @@ TINY = {"preset": "tiny", "overrides": {"dim": 64, "n_layers": 2, "n_heads": 4, 
 def pipeline_file(tmp_path, shared_data):
     stages = {  # listed out of order on purpose: the flow's order is the pipeline's
         "eval": {"limit": 5},
-        "sft": {"data": {"paths": [str(shared_data / "sft" / "identity.json")], "seq_len": 128,
+        "sft": {"output": str(tmp_path / "work" / "runs" / "chat"),  # a folder not named after its stage
+                "data": {"paths": [str(shared_data / "sft" / "identity.json")], "seq_len": 128,
                          "micro_batch_size": 4, "placeholders": {"name": "Zero", "author": "zerolm"}},
                 "max_steps": 4, "eval": {"every": 0, "generate": 0}, "checkpoint": {"every": 0},
                 "scaling": {"launcher": "local"}},
@@ -52,9 +53,10 @@ def test_stages_run_in_order_skip_when_done_and_report(ray_session, shared_data,
         ("data", "skipped (done)"), ("tokenizer", "skipped (done)"), ("pack", "skipped (done)"),
         ("pretrain", "ran"), ("sft", "ran"), ("eval", "ran")]
     # wired: sft started from pretrain, eval evaluated the last model on the pipeline's tokens
-    sft_run = json.loads((work / "runs" / "sft" / "run.json").read_text())
+    sft_run = json.loads((work / "runs" / "chat" / "run.json").read_text())
     assert sft_run["config"]["init_from"] == str(work / "runs" / "pretrain")
     report = json.loads((work / "eval" / "bpb.json").read_text())
+    assert report["model"] == "chat"  # eval took the last model, wherever its folder is
     assert report["overall"]["bpb"] > 0 and second[-1]["bpb"] == report["overall"]["bpb"]
     assert json.loads((work / "report.json").read_text()) == second
 
@@ -78,3 +80,14 @@ def test_a_bad_stage_config_is_refused_before_anything_runs(shared_data, tmp_pat
     r = subprocess.run([sys.executable, "-m", "zerolm", "pipeline", "run", str(path)], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+def test_only_old_eval_reports_are_recomputed_never_a_users_files(tmp_path):
+    from zerolm.pipeline import _old_eval_reports
+
+    old = tmp_path / "eval"
+    old.mkdir()
+    (old / "bpb.json").write_text(json.dumps({"task": "bpb", "model": "demo", "overall": {}}))
+    assert _old_eval_reports(old) == [old / "bpb.json"]
+    (old / "notes.json").write_text(json.dumps({"mine": True}))  # a user's file: the folder is not ours
+    assert _old_eval_reports(old) == []
