@@ -12,9 +12,9 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 DEMO=${1:-zerolm-demo}
 OUT=${2:-/tmp/zerolm-dpo-quality}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-2}
 BETA=${BETA:-0.1}
-LR=${LR:-2e-4}
+LR=${LR:-5e-5}
 LOSS=${LOSS:-sigmoid}
 SEQ=${SEQ:-256}
 VAL=${VAL:-0.2}

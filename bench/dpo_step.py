@@ -38,10 +38,12 @@ def bench_ours(args, pairs, tok_dir, mcfg, init_state) -> dict:
     from train.loop import build_engine, prepare_frozen
     from train.model import Transformer
     from train.packing import Examples
-    from train.pairs import PairExamples, encode_pairs
+    from train.pairs import PairExamples, PairsSection, encode_pairs
 
     chat = ChatTokenizer(tok_dir)
-    enc, _, _ = encode_pairs(pairs, chat, args.seq, 8)
+    # prompts that leave no room are dropped, not cut: the pairs trl is given are these same ones
+    fit = PairsSection(seq_len=args.seq, max_prompt_tokens=args.seq - 8, prompt_truncation="drop")
+    enc, _, _ = encode_pairs(pairs, chat, fit)
     enc = [e for e in enc if e is not None]
 
     data = PairExamples(Examples.build([s for c, r, _ in enc for s in (c, r)]), np.zeros(len(enc), np.float32))

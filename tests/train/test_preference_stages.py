@@ -46,9 +46,9 @@ def pairs_file(shared_data, tmp_path_factory):
     return path
 
 
-def stage_cfg(kind, init, data, out, **kw) -> dict:
+def stage_cfg(kind, init, pairs, out, **kw) -> dict:
     base = {"output": str(out), "init_from": str(init),
-            "data": {"paths": [str(data)], "seq_len": 128, "micro_batch_size": 2, "val_fraction": 0.15, "val_min": 4},
+            "data": {"paths": [str(pairs)], "seq_len": 128, "micro_batch_size": 2, "val_fraction": 0.15, "val_min": 4},
             "optim": {"lr": 1e-4}, "deepspeed": {"zero_stage": 2, "precision": "fp32"},
             "scaling": {"num_workers": 2}, "max_steps": 6, "log_every": 1,
             "eval": {"every": 3, "at_start": True}, "checkpoint": {"every": 3}}
@@ -70,22 +70,26 @@ def reward_run(ray_session, sft_model_dir, pairs_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dpo_run(ray_session, sft_model_dir, pairs_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo") / "run"
-    return out, run_stage("dpo", stage_cfg("dpo", sft_model_dir, pairs_file, out), echo=lambda *_: None)
+    cfg = stage_cfg("dpo", sft_model_dir, pairs_file, out, data={"prompt_truncation": "drop"})
+    return out, run_stage("dpo", cfg, echo=lambda *_: None)
 
 
-def _accounting(out, records: int) -> dict:
+def _accounting(out, records: int, long_prompt: str) -> dict:
     stats = json.loads((out / "data" / "stats.json").read_text())
     assert stats["records_in"] == records == (stats["train_pairs"] + stats["val_pairs"] + stats["rejected"]
                                               + stats["dropped"])
     reasons = sorted(json.loads(line)["reason"] for line in (out / "data" / "rejects.jsonl").read_text().splitlines())
     assert reasons == sorted([r for _, r in BAD] + ["bad_json"])
-    assert stats["dropped_by_reason"]["prompt_too_long"] >= 1
+    if long_prompt == "cut":  # the default: its last seq_len // 2 tokens stay, next to the answers
+        assert stats["prompts_cut"] >= 1 and "prompt_too_long" not in stats["dropped_by_reason"]
+    else:
+        assert stats["dropped_by_reason"]["prompt_too_long"] >= 1 and stats["prompts_cut"] == 0
     return stats
 
 
 def test_reward_metrics_accounting_and_finite_loss(reward_run):
     out, result = reward_run
-    _accounting(out, 80 + len(BAD) + 2)
+    _accounting(out, 80 + len(BAD) + 2, "cut")
     rows = read_metrics(out, "train")
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1 for r in rows)
     evals = read_metrics(out, "eval")
@@ -138,7 +142,7 @@ def test_dpo_trains_the_policy_not_the_reference(dpo_run, sft_model_dir):
     from train.weights import load_transformer
 
     out, result = dpo_run
-    _accounting(out, 80 + len(BAD) + 2)
+    _accounting(out, 80 + len(BAD) + 2, "dropped")
     rows = read_metrics(out, "train")
     assert len(rows) == 6 and all(math.isfinite(r["loss"]) for r in rows)
     evals = read_metrics(out, "eval")
