@@ -29,15 +29,14 @@ def launch(cfg: StageConfig, job: dict, *, echo=print) -> None:
     from train.runner import worker
 
     task = job["stage"]
-    payload = {**job, "config": cfg.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu,
-               "crash_at": os.environ.get("ZEROLM_CRASH_AT_STEP"), "crash_marker": os.environ.get("ZEROLM_CRASH_MARKER")}
+    payload = {**job, "config": cfg.model_dump(mode="json"), "use_gpu": cfg.scaling.use_gpu}
     if cfg.scaling.launcher == "local":
         worker(payload, echo=echo)
         return
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from zerolm.ray_env import ensure_ray
+    from zerolm.ray_env import ensure_ray, verbose
 
     ensure_ray(cfg.scaling.address)
     s = cfg.scaling
@@ -48,14 +47,16 @@ def launch(cfg: StageConfig, job: dict, *, echo=print) -> None:
     # Ray Train's print patch tees every worker print into its logger as well as stdout,
     # so each progress line reached the driver twice.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-    env.update({k: v for k, v in (("ZEROLM_CRASH_AT_STEP", payload["crash_at"]),
-                                  ("ZEROLM_CRASH_MARKER", payload["crash_marker"])) if v})
+    env.update({k: v for k, v in os.environ.items() if k.startswith("ZEROLM_CRASH_")})  # the loop's test hook
     trainer = TorchTrainer(
         _ray_entry, train_loop_config=payload,
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=f"zerolm-{task}", storage_path=str((Path(cfg.output) / "ray").resolve()),
                              failure_config=FailureConfig(max_failures=s.max_failures),
-                             worker_runtime_env={"env_vars": env}),
+                             worker_runtime_env={"env_vars": env},
+                             # the controller's INFO lines ("Requesting resources ...") reach the
+                             # driver through log_to_driver, which our progress lines need
+                             logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING")),
     )
     # Ray Train's fit() installs a SIGINT handler that aborts its run controller and
     # leaves it installed: a later Ctrl-C in this process (`zerolm demo` serves after

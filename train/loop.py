@@ -192,11 +192,21 @@ def prepare_frozen(task: Task, model: torch.nn.Module) -> dict[str, torch.nn.Mod
 
 
 def _maybe_crash(step: int, ctx: WorkerContext) -> None:
-    """Test hook: kill this worker process hard after `step` (once), to test resume."""
+    """Test hook: after `step` (once), rank 0 kills its own process hard, to test resume,
+    or with ZEROLM_CRASH_MODE=hold writes its Ray node id into the marker and waits for a
+    test to remove that node (a multi-node failure)."""
     at, marker = os.environ.get("ZEROLM_CRASH_AT_STEP"), os.environ.get("ZEROLM_CRASH_MARKER")
-    if at and marker and int(at) == step and ctx.is_main and not os.path.exists(marker):
+    if not (at and marker and int(at) == step and ctx.is_main and not os.path.exists(marker)):
+        return
+    if os.environ.get("ZEROLM_CRASH_MODE") != "hold":
         open(marker, "w").close()
         os._exit(17)
+    import ray
+
+    Path(marker + ".tmp").write_text(ray.get_runtime_context().get_node_id())
+    os.replace(marker + ".tmp", marker)
+    while True:
+        time.sleep(1)
 
 
 def run_training(cfg: StageConfig, task: Task, ctx: WorkerContext, run_dir, total: int, *, echo=print) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 
 # Ray's own chatter kept off the user's terminal unless asked for (`--verbose`, or
@@ -22,11 +23,44 @@ def verbose() -> bool:
     return os.environ.get("ZEROLM_VERBOSE", "") not in ("", "0", "false")
 
 
+# Lines that workers print and Ray forwards to the driver (log_to_driver, which carries
+# the training progress lines) but that say nothing a user can act on.
+WORKER_NOISE = re.compile("|".join((
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIW] \d+ \d+\] ",  # Ray's C++ core log below error level
+    r"has constructor arguments in the object store and max_restarts > 0",  # ray#53727, Ray Train's own actor
+    r"^DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
+    r"FutureWarning: `torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's calls
+    r"^\s+return func\(\*args, \*\*kwargs\)$",  # the source line of that warning
+)))
+
+
 def quiet_ray_logs() -> None:
     if verbose():
         return
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    _filter_worker_lines()
+
+
+def _filter_worker_lines() -> None:
+    """Drop WORKER_NOISE from the lines Ray forwards from workers (a private Ray API,
+    pinned to 2.60.x; if it changes, the lines are simply shown)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+
+    def filtered(handle):
+        def emit(data):
+            lines = [ln for ln in data.get("lines", []) if not WORKER_NOISE.search(ln)]
+            if lines:
+                handle({**data, "lines": lines})
+        emit.zerolm_filtered = True
+        return emit
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if name != "ray_print_logs" or getattr(h, "zerolm_filtered", False)
+                                else filtered(h)) for name, h in dispatcher.handlers]
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

@@ -1,5 +1,7 @@
 """Ray's own INFO lines stay off the user's terminal unless --verbose: a Ray Data job
-in a fresh process (its own local Ray) prints none of them; with ZEROLM_VERBOSE=1 it does."""
+in a fresh process (its own local Ray) prints none of them; with ZEROLM_VERBOSE=1 it does.
+Lines workers print reach the driver, less the known noise (Ray's C++ warnings, DeepSpeed's
+"built successfully")."""
 
 from __future__ import annotations
 
@@ -16,8 +18,17 @@ INFO = re.compile(r"\sINFO\s")  # Ray's log lines: "<time>\tINFO <file>:<line> -
 JOB = """
 from zerolm.ray_env import ensure_ray
 ensure_ray(num_cpus=1)
-import ray
+import ray, time
 print("rows", ray.data.range(1000).map_batches(lambda b: b).count())
+
+@ray.remote
+def chatter():
+    print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    print("[2026-12-07 23:07:06,654 W 18744 18778] core_worker.cc:2465: a warning nobody can act on")
+    print("step 1/2 loss 7.0", flush=True)
+
+ray.get(chatter.remote())
+time.sleep(2)  # worker lines reach the driver asynchronously
 """
 
 
@@ -33,5 +44,8 @@ def test_ray_info_lines_only_when_verbose():
     assert quiet.returncode == 0 and "rows 1000" in quiet.stdout, quiet.stderr[-2000:]
     assert not INFO.search(quiet.stdout + quiet.stderr), (quiet.stdout + quiet.stderr)[-2000:]
     assert "Token authentication" not in quiet.stderr
+    assert "step 1/2 loss 7.0" in quiet.stdout and "built successfully" not in quiet.stdout + quiet.stderr
+    assert "nobody can act on" not in quiet.stdout + quiet.stderr
     loud = run(True)
     assert loud.returncode == 0 and INFO.search(loud.stdout + loud.stderr)
+    assert "built successfully" in loud.stdout and "step 1/2 loss 7.0" in loud.stdout
