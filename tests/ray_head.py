@@ -25,6 +25,7 @@ class RayHead:
     home: Path  # HOME of the head's processes; .ray/auth_token inside
     token: str | None
     dashboard: str  # http://127.0.0.1:PORT, the Jobs API
+    gcs: str  # 127.0.0.1:PORT, for drivers on this machine
 
     def env(self, **extra) -> dict:
         """The environment of a client on another machine: no token unless given."""
@@ -50,7 +51,8 @@ class RayHead:
         psutil.wait_procs(mine, timeout=20)
 
 
-def start_head(root: Path, *, num_cpus: int = 2, token: bool = True) -> RayHead:
+def start_head(root: Path, *, num_cpus: int = 2, token: bool = True, gcs_port: int | None = None,
+               extra_args: tuple = (), extra_env: dict | None = None) -> RayHead:
     home = root / "head-home"
     (home / ".ray").mkdir(parents=True)
     (root / "client-home").mkdir()
@@ -61,8 +63,9 @@ def start_head(root: Path, *, num_cpus: int = 2, token: bool = True) -> RayHead:
     temp = Path(f"/tmp/zh-{secrets.token_hex(4)}")
     dashboard_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
-    cmd = ["ray", "start", "--head", "--temp-dir", str(temp), "--port", str(free_port()),
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
+    gcs_port = gcs_port or free_port()
+    cmd = ["ray", "start", "--head", "--temp-dir", str(temp), "--port", str(gcs_port), "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
            "--ray-client-server-port", str(free_port()), "--num-cpus", str(num_cpus),
            # Ray's fixed default ports (the job agent's 52365, metrics, runtime env) may be
@@ -71,8 +74,8 @@ def start_head(root: Path, *, num_cpus: int = 2, token: bool = True) -> RayHead:
            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-           "--disable-usage-stats"]
-    head = RayHead(home, secret, f"http://127.0.0.1:{dashboard_port}")
+           "--disable-usage-stats", *extra_args]
+    head = RayHead(home, secret, f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{gcs_port}")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         head.stop()

@@ -8,88 +8,65 @@ rebuilt from lineage (Ray logs "Attempting to recover N lost objects"). The job
 must finish, and its kept ids, duplicates audit and drop counts must equal those of
 a clean run of the same job on a local 2-CPU Ray.
 
-Both runs are subprocesses under a timeout (the pytest session has its own local
-Ray, and a cluster must never be started in the pytest process): a hang is a
-failure, never a stuck test run. The cluster is always shut down, and the
-/tmp/ray/ray_current_cluster file its head writes is removed if it still points at
-it (a stale one makes later plain `ray.init()` calls join a dead cluster).
+Both runs are subprocesses under a timeout (tests/sim_cluster.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.sim_cluster import run_job
+
 TIMEOUT_S = 300  # per run; each takes 30-60 s on a busy 2-core VM
-CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
 
 JOB = r"""
-import json, logging, os, sys, threading, time
-from pathlib import Path
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+import json, os, sys, threading, time
 import ray
+from ray.data import DataContext
+from tests.sim_cluster import alive_nodes, simulated_cluster
+from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
 
 mode, cfg_json, delay_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
-cluster, removal = None, {}
-current = Path("/tmp/ray/ray_current_cluster")
-try:
-    if mode == "cluster":
-        from ray.cluster_utils import Cluster
+cfg = NearDedupRunConfig.model_validate(json.loads(cfg_json))
 
-        mb = 1 << 20
-        sys_cfg = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
-                   "health_check_initial_delay_ms": 0}
-        cluster = Cluster(initialize_head=True, head_node_args=dict(
-            num_cpus=0, object_store_memory=100 * mb, include_dashboard=False, _system_config=sys_cfg))
-        print("ADDRESS " + cluster.address, flush=True)
-        workers = [cluster.add_node(num_cpus=1, object_store_memory=100 * mb) for _ in range(2)]
-        ray.init(address=cluster.address, **kw)
-        cluster.wait_for_nodes()
-        victim = workers[1]
+
+def run(started, removal):
+    DataContext.get_current().enable_progress_bars = False
+    stats = run_near_dedup(cfg, echo=lambda *_: None)
+    print("RESULT " + json.dumps({"stats": stats, "elapsed_s": round(time.time() - started, 2), "removal": removal,
+                                  "alive_nodes": alive_nodes()}), flush=True)
+
+
+if mode == "cluster":
+    with simulated_cluster(workers=2) as (cluster, workers):
+        removal, started = {}, time.time()
 
         def remove():
             time.sleep(delay_s)
             removal["at_s"] = round(time.time() - started, 2)
-            cluster.remove_node(victim, allow_graceful=False)
+            cluster.remove_node(workers[1], allow_graceful=False)
             removal["done_s"] = round(time.time() - started, 2)
 
-        started = time.time()
         threading.Thread(target=remove, daemon=True).start()
-    else:
-        ray.init(address="local", num_cpus=2, **kw)
-        started = time.time()
-    from ray.data import DataContext
+        run(started, removal)
+else:
+    import logging
 
-    DataContext.get_current().enable_progress_bars = False
-    from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
-
-    stats = run_near_dedup(NearDedupRunConfig.model_validate(json.loads(cfg_json)), echo=lambda *_: None)
-    elapsed = round(time.time() - started, 2)
-    alive = sum(1 for n in ray.nodes() if n["Alive"])
-    print("RESULT " + json.dumps({"stats": stats, "elapsed_s": elapsed, "removal": removal, "alive_nodes": alive}),
-          flush=True)
-finally:
-    ray.shutdown()
-    if cluster is not None:
-        address = cluster.address
-        cluster.shutdown()
-        # The head writes its address here; leave no pointer to this dead cluster.
-        if current.exists() and current.read_text().strip() == address:
-            current.unlink()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=False)
+    try:
+        run(time.time(), {})
+    finally:
+        ray.shutdown()
 """
 
 
-def _corpus(shared_data: Path, path: Path) -> None:
+def edited_corpus(shared_data: Path, path: Path) -> None:
     """Real zh text (news sentences + People's Daily paragraphs) and, for a third of
     the documents, copies with small realistic edits: near-duplicates to find."""
     from dataproc.near_dedup.labelled import edit
@@ -109,27 +86,10 @@ def _corpus(shared_data: Path, path: Path) -> None:
 
 
 def _job(mode: str, cfg: dict, delay_s: float = 0.0) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    # Own process group: on a timeout the driver AND the cluster's raylets/GCS go.
-    proc = subprocess.Popen([sys.executable, "-c", JOB, mode, json.dumps(cfg), str(delay_s)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        # The script could not clean up: drop the head's pointer to the dead cluster.
-        for address in [ln.split()[1] for ln in stdout.splitlines() if ln.startswith("ADDRESS ")]:
-            if CURRENT_CLUSTER.exists() and CURRENT_CLUSTER.read_text().strip() == address:
-                CURRENT_CLUSTER.unlink()
-        pytest.fail(f"{mode} run did not finish in {TIMEOUT_S}s:\n{stderr[-5000:]}")
-    results = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and results, f"{mode} run failed ({proc.returncode}):\n{stderr[-5000:]}"
-    return json.loads(results[-1][len("RESULT "):])
+    return run_job(JOB, [mode, json.dumps(cfg), str(delay_s)], TIMEOUT_S)
 
 
-def _output(out: Path) -> tuple[list[str], list[tuple]]:
+def dedup_output(out: Path) -> tuple[list[str], list[tuple]]:
     kept = sorted(pq.read_table(out / "data", columns=["id"])["id"].to_pylist())
     audit = pq.read_table(out / "duplicates").to_pylist()
     rows = sorted((r["removed_id"], r["kept_id"], r["cluster_id"], round(r["estimated_jaccard"], 9)) for r in audit)
@@ -139,7 +99,7 @@ def _output(out: Path) -> tuple[list[str], list[tuple]]:
 @pytest.mark.slow
 def test_worker_node_removed_mid_job_gives_clean_output(shared_data, tmp_path):
     corpus = tmp_path / "corpus.txt"
-    _corpus(shared_data, corpus)
+    edited_corpus(shared_data, corpus)
 
     def cfg(out: str) -> dict:
         return {"output": str(tmp_path / out),
@@ -156,4 +116,4 @@ def test_worker_node_removed_mid_job_gives_clean_output(shared_data, tmp_path):
     for key in ("rows_in", "rows_out", "dropped"):
         assert faulty["stats"][key] == clean["stats"][key], key
     assert faulty["stats"]["near_dedup"]["removed"] == clean["stats"]["near_dedup"]["removed"]
-    assert _output(tmp_path / "faulty") == _output(tmp_path / "clean")
+    assert dedup_output(tmp_path / "faulty") == dedup_output(tmp_path / "clean")
