@@ -101,7 +101,8 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 
 def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes: int = 8 << 20,
-               metrics: Metrics | None = None) -> FastAPI:
+               metrics: Metrics | None = None, eval_sets: dict | None = None) -> FastAPI:
+    """eval_sets: name -> serve.eval.api.EvalDataset, the local sets /v1/evaluations may name."""
     @asynccontextmanager
     async def lifespan(_app):
         yield
@@ -110,7 +111,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
     app = FastAPI(title="zerolm", version="0.1.0", lifespan=lifespan)
     reward_lock = asyncio.Lock()
     m = metrics or Metrics()
-    app.state.metrics, app.state.registry = m, registry
+    app.state.metrics, app.state.registry, app.state.eval_sets = m, registry, dict(eval_sets or {})
 
     def route_of(request: Request) -> str:
         """The route's template, never the raw path: one label per route, so requests to
@@ -312,6 +313,6 @@ def create_app(registry: Registry, *, api_key: str | None = None, max_body_bytes
         served = generator_or_400(req.model)
         from serve.eval.api import run_evaluation  # evaluation code loads only when used
 
-        return await asyncio.to_thread(run_evaluation, served, req)
+        return await asyncio.to_thread(run_evaluation, served, req, app.state.eval_sets)
 
     return app

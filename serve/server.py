@@ -9,9 +9,12 @@ from zerolm.errors import UserError
 
 def build_app(model_specs: list[str], *, api_key: str | None = None, device: str = "auto", dtype: str = "auto",
               max_batch: int = 32, wait_ms: float = 5.0, max_body_bytes: int = 8 << 20,
-              engine_process: bool = True, cuda_graphs: bool | None = None):
+              engine_process: bool = True, cuda_graphs: bool | None = None, eval_sets: list[str] | None = None):
     if not model_specs:
         raise UserError("no model to serve: give --model NAME=DIR (a run folder or its hf/ export)")
+    from serve.eval.api import parse_eval_sets
+
+    sets = parse_eval_sets(eval_sets or [])  # checked before any model loads
     metrics = Metrics()
     registry = Registry()
     try:
@@ -22,7 +25,7 @@ def build_app(model_specs: list[str], *, api_key: str | None = None, device: str
     except BaseException:
         registry.close()  # engines already started for earlier models
         raise
-    return create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics)
+    return create_app(registry, api_key=api_key, max_body_bytes=max_body_bytes, metrics=metrics, eval_sets=sets)
 
 
 def serve(model_specs: list[str], *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:

@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
 
     serve(args.model or [], host=args.host, port=args.port, api_key=args.api_key, device=args.device,
           dtype=args.dtype, max_batch=args.max_batch, engine_process=not args.engine_thread,
-          cuda_graphs=False if args.no_cuda_graphs else None)
+          cuda_graphs=False if args.no_cuda_graphs else None, eval_sets=args.eval_set)
     return 0
 
 
@@ -190,7 +190,8 @@ def cmd_eval(args) -> int:
     subjects = [x.strip() for x in args.subjects.split(",") if x.strip()] if args.subjects else None
     report = run_eval(args.model, args.task, args.data or [], device=args.device, dtype=args.dtype,
                       shots=args.shots, limit=args.limit, subjects=subjects, stride=args.stride,
-                      split=args.split, per_file=args.doc_per_file, progress=True)
+                      split=args.split, per_file=args.doc_per_file, progress=True,
+                      baselines=not args.no_baselines, baseline_train=args.baseline_train)
     print(to_markdown(report))
     if args.output:
         print(f"\nreport: {write_report(report, args.output)}")
@@ -348,6 +349,10 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
     srv.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    srv.add_argument("--eval-set", action="append", metavar="NAME=[TASK:]PATH",
+                     help="a local evaluation set that POST /v1/evaluations may name as \"dataset\": a cmmlu, "
+                          "ceval or mmlu folder or an arc JSONL file (TASK detected from NAME or the subjects "
+                          "when not given); repeatable")
     srv.add_argument("--engine-thread", action="store_true",
                      help="run the model on a thread of the HTTP process instead of its own process "
                           "(slower under load: both share one GIL)")
@@ -356,20 +361,26 @@ def build_parser(train_stages: bool = True) -> argparse.ArgumentParser:
                           "a captured CUDA graph (slower; for debugging)")
     srv.set_defaults(func=cmd_serve)
 
-    ev = sub.add_parser("eval", help="evaluate a model: bits per byte, CMMLU/C-Eval, ARC")
+    ev = sub.add_parser("eval", help="evaluate a model: bits per byte, CMMLU, C-Eval, MMLU, ARC")
     ev.add_argument("--model", required=True, help="a run folder or its hf/ export")
-    ev.add_argument("--task", required=True, choices=["bpb", "cmmlu", "arc"])
+    ev.add_argument("--task", required=True, choices=["bpb", "cmmlu", "ceval", "mmlu", "arc"])
     ev.add_argument("--data", action="append", metavar="[NAME=]PATH",
-                    help="bpb: a pack folder (its val split) or text files (repeatable); cmmlu: the folder "
-                         "with dev/ and test/ CSVs; arc: a JSONL file")
-    ev.add_argument("--shots", type=int, default=None, help="k-shot (default: cmmlu 5, arc 0)")
+                    help="bpb: a pack folder (its val split) or text files (repeatable); cmmlu, ceval, mmlu: "
+                         "the benchmark's folder as downloaded (dev/val/test CSVs, or per-subject parquet/jsonl); "
+                         "arc: a JSONL file")
+    ev.add_argument("--shots", type=int, default=None, help="k-shot (default: cmmlu, ceval, mmlu 5; arc 0)")
     ev.add_argument("--limit", type=int, default=None,
                     help="at most N documents per source (bpb) or items per subject (cmmlu, arc)")
     ev.add_argument("--subjects", default=None, help="comma-separated subjects (cmmlu) or pack sources (bpb)")
     ev.add_argument("--stride", type=int, default=None,
                     help="bpb: tokens between windows of a long document (default: context / 2)")
-    ev.add_argument("--split", default="val", help="bpb: the pack split to score (default val)")
+    ev.add_argument("--split", default=None,
+                    help="the split to score (default: bpb val; cmmlu, mmlu test; ceval val, its test has no answers)")
     ev.add_argument("--doc-per-file", action="store_true", help="bpb: a text file is one document, not one per line")
+    ev.add_argument("--baseline-train", action="append", metavar="[NAME=]PATH",
+                    help="bpb: text the unigram and Kneser-Ney 3-gram baselines learn from (a pack: its train "
+                         "split; repeatable; default: the train split of the packs in --data)")
+    ev.add_argument("--no-baselines", action="store_true", help="bpb: score the model only")
     ev.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ev.add_argument("--output", help="write the JSON report here")

@@ -110,6 +110,11 @@ def sequences(tok: np.ndarray, lens: np.ndarray, order: int) -> tuple[np.ndarray
     return seq, pred
 
 
+def id_hashes(ids: np.ndarray) -> np.ndarray:
+    """Token hashes of a tokenizer's ids, for a model over another tokenizer's tokens."""
+    return _mix(np.asarray(ids, dtype=np.uint64))
+
+
 def ngram_keys(seq: np.ndarray, order: int) -> list[np.ndarray]:
     """keys[k][t] = hash of the k tokens ending at t (keys[0] unused)."""
     keys = [np.zeros(0, np.uint64), _mix(seq)]
@@ -153,9 +158,17 @@ class NgramLM:
 
     @classmethod
     def train(cls, texts: list[str], order: int, max_chars: int = 100_000) -> "NgramLM":
+        tok, lens = tokenize(texts, max_chars)
+        return cls.from_tokens(tok, lens, order, max_chars=max_chars)
+
+    @classmethod
+    def from_tokens(cls, tok: np.ndarray, lens: np.ndarray, order: int, *, vocab: int | None = None,
+                    max_chars: int = 100_000) -> "NgramLM":
+        """From token hashes (`tokenize`, or `id_hashes` of a tokenizer's ids) and tokens
+        per document. vocab: the number of token types the model spreads unseen mass
+        over (default: the types seen + 1)."""
         if order < 1:
             raise ValueError("order must be >= 1")
-        tok, lens = tokenize(texts, max_chars)
         seq, pred = sequences(tok, lens, order)
         keys = ngram_keys(seq, order)
         arrays: dict[str, np.ndarray] = {}
@@ -189,10 +202,10 @@ class NgramLM:
                 tokens_total = float(raw_counts.sum())
                 arrays["u"] = np.log((raw_counts + 1.0) / (tokens_total + len(raw_keys) + 1)).astype(np.float32)
                 unk_logp = math.log(1.0 / (tokens_total + len(raw_keys) + 1))
-                vocab = len(uniq) + 1
+                vocab = max(vocab or 0, len(uniq) + 1)
             first_up = first
         meta = {"order": order, "vocab": vocab, "gamma0": gamma0, "unk_logp": unk_logp, "max_chars": max_chars,
-                "train_tokens": int(len(pred)), "train_docs": len(texts)}
+                "train_tokens": int(len(pred)), "train_docs": len(lens)}
         return cls(arrays, meta)
 
     def score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +224,11 @@ class NgramLM:
         """(log p of every predicted token, document by document, each ending with
         EOS; tokens per document; token hashes)."""
         tok, lens = tokenize(texts, self.max_chars)
+        return self.logprobs_of(tok, lens), lens, tok
+
+    def logprobs_of(self, tok: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """log p of every predicted token of documents given as token hashes, each
+        document's tokens followed by its EOS."""
         seq, pred = sequences(tok, lens, self.order)
         keys = ngram_keys(seq, self.order)
         arr = self.arrays
@@ -223,7 +241,7 @@ class NgramLM:
                 seen, gamma = _lookup(arr[f"c{k}"], arr[f"gamma{k}"], keys[k - 1][pred - 1])
                 gamma[~seen] = 1.0
             p = a + gamma * p
-        return np.log(p), lens, tok
+        return np.log(p)
 
     def _score(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         n = len(texts)

@@ -10,8 +10,10 @@ Request (serve/schemas.py EvaluationRequest):
     the bare letter) or "arc" (lm-eval arc_easy: `Question: ...\\nAnswer:` + " text"),
     the same for every item. An item's shots are the first k other items of its subject.
   * {"task": "multiple_choice", "dataset": NAME} -> a local set chosen by name among
-    those the server was started with (`datasets`; none by default). A request never
-    names a path: a path-like or unknown name is a 400. `limit` is per subject.
+    those the server was started with (`zerolm serve --eval-set NAME=[TASK:]PATH`; none
+    by default), scored as `zerolm eval --task TASK --data PATH` scores it (shots from
+    the dev split, the benchmark's prompt). A request never names a path: a path-like
+    or unknown name is a 400. `limit` is per subject.
 
 The work of one request is bounded (items, choices, text bytes); beyond it, a 400.
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from serve.eval import arc, bpb, cmmlu
+from serve.eval.exams import find_files
 from serve.eval.multiple_choice import LETTERS, MCItem, evaluate_multiple_choice
 from serve.eval.scorer import BatcherScorer
 from serve.openai_api import APIError
@@ -41,8 +44,50 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a dataset name: no "/", 
 class EvalDataset:
     """A local evaluation set that the server's operator configured."""
 
-    kind: Literal["cmmlu", "arc"]
+    kind: Literal["cmmlu", "ceval", "mmlu", "arc"]
     path: Path
+
+
+def _detect_kind(name: str, path: Path) -> str:
+    from serve.eval.run import EXAMS
+
+    if path.is_file():
+        return "arc"
+    head = re.split(r"[-_.]", name.lower())[0]
+    if head in EXAMS:
+        return head
+    subjects = {s for files in find_files(path).values() for s in files}
+    for kind in ("cmmlu", "ceval"):
+        if subjects <= set(EXAMS[kind].subject_names):
+            return kind
+    raise UserError(f"--eval-set {name}={path}: cannot tell which benchmark this is; "
+                    f"say it: {name}=TASK:{path} (TASK: {', '.join(EXAMS)} or arc)")
+
+
+def parse_eval_sets(specs: list[str]) -> dict[str, EvalDataset]:
+    """`NAME=[TASK:]PATH` values of --eval-set; every path is checked now, at start."""
+    from serve.eval.run import EXAMS
+
+    sets: dict[str, EvalDataset] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not NAME.fullmatch(name):
+            raise UserError(f"--eval-set {spec!r}: expected NAME=[TASK:]PATH, NAME of letters, digits, - and _")
+        task, colon, raw = rest.partition(":")
+        if not colon or task not in (*EXAMS, "arc"):
+            task, raw = "", rest
+        path = Path(raw)
+        if not path.exists():
+            raise UserError(f"--eval-set {name}: {path}: no such file or folder")
+        if name in sets:
+            raise UserError(f"--eval-set {name} given twice")
+        kind = task or _detect_kind(name, path)
+        if kind == "arc":
+            arc.load_arc(path)  # a broken file is the operator's error at start, not a 500 later
+        else:
+            find_files(path)
+        sets[name] = EvalDataset(kind, path)
+    return sets
 
 
 def run_evaluation(served, req, datasets: Mapping[str, EvalDataset] | None = None) -> dict:
@@ -113,9 +158,13 @@ def _dataset(name: str, datasets: Mapping[str, EvalDataset], limit: int | None):
                        "send 'items' instead", param="dataset")
     ds = datasets[name]
     try:
-        if ds.kind == "cmmlu":
-            items, dev = cmmlu.load_cmmlu(ds.path, limit=limit)
-            return items, cmmlu.cmmlu_prompt, (lambda it: dev[it.subject]), "cmmlu"
+        if ds.kind != "arc":
+            from serve.eval.exams import load_exam
+            from serve.eval.run import EXAMS
+
+            exam = EXAMS[ds.kind]
+            items, dev, _ = load_exam(exam, ds.path, limit=limit)
+            return items, exam.prompt, (lambda it: dev[it.subject]), ds.kind
         pool = arc.load_arc(ds.path)
         return (pool[:limit] if limit else pool), arc.arc_prompt, arc.other_items(pool, 10), "arc"
     except UserError as exc:  # the operator's files, not the request: not a 400

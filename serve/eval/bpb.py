@@ -19,13 +19,14 @@ context, at `context` times the cost; the default, context // 2, costs 2x).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from serve.eval.baselines import NgramBaselines
 from serve.eval.scorer import Scorer, score_sequences
 from zerolm.errors import UserError
 
@@ -60,23 +61,30 @@ class Totals:
     tokens: int = 0  # scored tokens of the model's tokenizer (the document-start token excluded)
     bytes: int = 0  # UTF-8 bytes of the document texts
     nats: float = 0.0
+    baseline_nats: dict[str, float] = field(default_factory=dict)  # n-gram name -> nats on the same tokens
 
     def add(self, other: "Totals") -> None:
         self.docs += other.docs
         self.tokens += other.tokens
         self.bytes += other.bytes
         self.nats += other.nats
+        for name, nats in other.baseline_nats.items():
+            self.baseline_nats[name] = self.baseline_nats.get(name, 0.0) + nats
 
     def row(self) -> dict:
-        return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes, "nats": self.nats,
-                "bpb": self.nats / LN2 / self.bytes if self.bytes else None,
-                "ppl": math.exp(self.nats / self.tokens) if self.tokens else None}
+        row = {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes, "nats": self.nats,
+               "bpb": self.nats / LN2 / self.bytes if self.bytes else None,
+               "ppl": math.exp(self.nats / self.tokens) if self.tokens else None}
+        for name, nats in self.baseline_nats.items():
+            row[f"{name}_bpb"] = nats / LN2 / self.bytes if self.bytes else None
+        return row
 
 
 def evaluate_bpb(scorer: Scorer, documents: Mapping[str, Iterable[str]], *, stride: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, baselines: NgramBaselines | None = None) -> dict:
     """documents: source -> document texts (any iterable: a pack split is read lazily).
-    Returns the report (see module docstring)."""
+    Returns the report (see module docstring); with `baselines`, each row also has
+    their bits per byte on the same tokens and bytes (serve/eval/baselines.py)."""
     start_id = scorer.doc_start_id
     if start_id is None:
         raise UserError(f"model {scorer.name!r}: its tokenizer has no <|endoftext|> token to open a document "
@@ -87,6 +95,7 @@ def evaluate_bpb(scorer: Scorer, documents: Mapping[str, Iterable[str]], *, stri
         raise UserError(f"stride must be between 1 and {ctx - 1} (the model's context is {ctx})")
     totals = {name: Totals() for name in documents}
     pending: list[tuple[str, int, list[int]]] = []  # (source, index of the window's first counted token, window)
+    pending_docs: dict[str, list[list[int]]] = {name: [] for name in documents}  # for the baselines
 
     def flush():
         logprobs = score_sequences(scorer, [w for _, _, w in pending], progress=progress)
@@ -94,6 +103,10 @@ def evaluate_bpb(scorer: Scorer, documents: Mapping[str, Iterable[str]], *, stri
             # lps[j]: logprob of window token j given the tokens before it (lps[0] is None)
             totals[name].nats -= math.fsum(lps[first:])
         pending.clear()
+        for name, docs in pending_docs.items():
+            if baselines is not None and docs:
+                totals[name].add(Totals(baseline_nats=baselines.nats(docs)))
+            docs.clear()
 
     for name, texts in documents.items():
         t = totals[name]
@@ -102,6 +115,7 @@ def evaluate_bpb(scorer: Scorer, documents: Mapping[str, Iterable[str]], *, stri
             t.docs += 1
             t.bytes += len(text.encode("utf-8"))
             t.tokens += len(ids)
+            pending_docs[name].append(ids)
             seq = [start_id] + ids
             for start, end, first in windows(len(seq), ctx, stride):
                 pending.append((name, first - start, seq[start:end]))
@@ -111,8 +125,11 @@ def evaluate_bpb(scorer: Scorer, documents: Mapping[str, Iterable[str]], *, stri
     overall = Totals()
     for t in totals.values():
         overall.add(t)
-    return {"task": "bpb", "model": scorer.name, "context": ctx, "stride": stride,
-            "sources": {name: t.row() for name, t in totals.items()}, "overall": overall.row()}
+    report = {"task": "bpb", "model": scorer.name, "context": ctx, "stride": stride,
+              "sources": {name: t.row() for name, t in totals.items()}, "overall": overall.row()}
+    if baselines is not None:
+        report["baselines"] = baselines.describe()
+    return report
 
 
 # ------------------------------------------------------------------ documents

@@ -1,9 +1,8 @@
-"""CMMLU / C-Eval: Chinese multiple choice from CSV files, in the official prompt.
+"""CMMLU: Chinese multiple choice, in the official prompt.
 
-Layout: ROOT/{dev,test}/<subject>.csv (CMMLU, columns `,Question,A,B,C,D,Answer`) or
-ROOT/{dev,val}/<subject>_{dev,val}.csv (C-Eval, `id,question,A,B,C,D,answer,...`;
-its test split has no answers, so val is evaluated). ROOT may also be the folder
-holding `data/`. The k shots of a subject are the first k rows of its dev file.
+Files: any layout of serve/eval/exams.py (the official ROOT/{dev,test}/<subject>.csv with
+columns `,Question,A,B,C,D,Answer`, or a parquet / jsonl export); test is scored. The
+k shots of a subject are the first k rows of its dev file.
 
 The prompt is the one of the CMMLU repository (haonan-li/CMMLU, src/mp_utils.py):
 
@@ -20,11 +19,10 @@ shots "答案： A"); a task YAML with target_delimiter "" reproduces this promp
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
+from serve.eval.exams import Exam, load_exam
 from serve.eval.multiple_choice import MCItem, Prompt
-from zerolm.errors import UserError
 
 HEADER = "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n"
 
@@ -59,85 +57,20 @@ SUBJECTS_ZH = {
 }
 
 
+CMMLU = Exam(name="cmmlu", eval_split="test", header=HEADER, subject_names=SUBJECTS_ZH, answer_prefix="",
+             answer_cue="答案：", question_prefix="题目：")
+
+
 def subject_zh(subject: str) -> str:
-    return SUBJECTS_ZH.get(subject, subject.replace("_", " "))
-
-
-def _example(item: MCItem) -> str:
-    options = "".join(f"\n{label}. {choice}" for label, choice in zip(item.labels, item.choices))
-    return f"题目：{item.question}{options}\n答案："
+    return CMMLU.subject(subject)
 
 
 def cmmlu_prompt(item: MCItem, shots: list[MCItem]) -> Prompt:
-    shown = "".join(_example(s) + s.labels[s.gold] + "\n\n" for s in shots)
-    return Prompt(HEADER.format(subject=subject_zh(item.subject)) + shown + _example(item), list(item.labels))
-
-
-# ------------------------------------------------------------------ loading
-def _root(path: Path) -> Path:
-    for cand in (path, path / "data"):
-        if (cand / "dev").is_dir() and ((cand / "test").is_dir() or (cand / "val").is_dir()):
-            return cand
-    raise UserError(f"{path}: not a CMMLU/C-Eval folder (expected dev/ and test/ or val/ with <subject>.csv)")
-
-
-def _subject_files(folder: Path, split: str) -> dict[str, Path]:
-    out = {}
-    for f in sorted(folder.glob("*.csv")):
-        name = f.stem.removesuffix(f"_{split}")  # C-Eval: accountant_val.csv
-        out[name] = f
-    return out
-
-
-def read_csv(path: Path, subject: str) -> list[MCItem]:
-    """One CSV file. Choices are the columns named by one capital letter, in order."""
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as fh:
-            rows = list(csv.reader(fh))
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 ({exc.reason})")
-    if not rows:
-        return []
-    header = [h.strip() for h in rows[0]]
-    lower = [h.lower() for h in header]
-    letters = [i for i, h in enumerate(header) if len(h) == 1 and h.isupper()]
-    if "question" not in lower or "answer" not in lower or len(letters) < 2:
-        raise UserError(f"{path}: expected columns Question, A, B, ..., Answer; got {header}")
-    q_col, a_col = lower.index("question"), lower.index("answer")
-    labels = [header[i] for i in letters]
-    items = []
-    for line, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < len(header):
-            raise UserError(f"{path}:{line}: {len(row)} columns, expected {len(header)}")
-        answer = row[a_col].strip()
-        if answer not in labels:
-            raise UserError(f"{path}:{line}: answer {answer!r} is not one of {labels}")
-        key = row[0].strip() if header[0].lower() in ("", "id") and row[0].strip() else str(line - 2)
-        items.append(MCItem(id=f"{subject}/{key}", subject=subject, question=row[q_col],
-                            choices=[row[i] for i in letters], gold=labels.index(answer), labels=labels))
-    return items
+    return CMMLU.prompt(item, shots)
 
 
 def load_cmmlu(path: str | Path, *, subjects: list[str] | None = None, limit: int | None = None
                ) -> tuple[list[MCItem], dict[str, list[MCItem]]]:
     """(evaluation items, subject -> dev items for shots). limit: items per subject."""
-    root = _root(Path(path))
-    split = "val" if (root / "val").is_dir() else "test"  # C-Eval's test split has no answers
-    files = _subject_files(root / split, split)
-    dev_files = _subject_files(root / "dev", "dev")
-    if subjects:
-        unknown = sorted(set(subjects) - set(files))
-        if unknown:
-            raise UserError(f"unknown subject(s) {unknown}; {root / split} has {len(files)}: "
-                            f"{', '.join(sorted(files)[:8])}{', ...' if len(files) > 8 else ''}")
-    chosen = subjects or sorted(files)
-    items, dev = [], {}
-    for subject in chosen:
-        rows = read_csv(files[subject], subject)
-        items += rows[:limit] if limit is not None else rows
-        dev[subject] = read_csv(dev_files[subject], subject) if subject in dev_files else []
-    if not items:
-        raise UserError(f"{root / split}: no questions")
+    items, dev, _ = load_exam(CMMLU, path, subjects=subjects, limit=limit)
     return items, dev

@@ -113,7 +113,10 @@ def evaluate_multiple_choice(scorer: Scorer, items: list[MCItem], fmt: PromptFor
                         "pred": int(np.argmax(ll)), "pred_norm": int(np.argmax(ll / lengths)),
                         "gold_label": item.labels[item.gold], "n_choices": len(item.choices),
                         "logprobs": [float(x) for x in ll], "shots": kept_shots[idx], "truncated": truncated[idx]})
-    return {"task": task, "model": scorer.name, "shots": shots, **accuracy(records), "items": records}
+    # contexts too short for k shots: items that kept fewer shots, and items cut on the left even at 0 shots
+    return {"task": task, "model": scorer.name, "shots": shots, **accuracy(records),
+            "items_with_fewer_shots": sum(k < shots for k in kept_shots), "items_truncated": sum(truncated),
+            "items": records}
 
 
 def _row(records: list[dict]) -> dict:

@@ -24,19 +24,31 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def to_markdown(report: dict) -> str:
     if report["task"] == "bpb":
-        cols = ["docs", "tokens", "bytes", "bpb", "ppl"]
-        rows = [[name] + [s[c] for c in cols] for name, s in report["sources"].items()]
-        rows.append(["**overall**"] + [report["overall"][c] for c in cols])
+        cols = ["docs", "tokens", "bytes", "bpb"]
+        base = report.get("baselines")
+        if base:
+            cols += [f"{name}_bpb" for name in base["models"]]
+        cols.append("ppl")
+        rows = [[name] + [s.get(c) for c in cols] for name, s in report["sources"].items()]
+        rows.append(["**overall**"] + [report["overall"].get(c) for c in cols])
         title = (f"bits per byte — model {report['model']}, context {report['context']}, "
                  f"stride {report['stride']} (ppl is per token of the model's tokenizer)")
-        return f"{title}\n\n" + _table(["source"] + cols, rows)
+        note = ""
+        if base:
+            note = (f"\n\nbaselines on the same tokens and bytes, trained on {base['train_docs']:,} documents "
+                    f"({base['train_tokens']:,} tokens): " + "; ".join(f"{k}: {v}" for k, v in base["models"].items()))
+        elif "baselines" in report:
+            note = "\n\nno n-gram baselines: no pack among --data; give --baseline-train TOKENS_DIR"
+        return f"{title}\n\n" + _table(["source"] + cols, rows) + note
     cols = ["n", "acc", "acc_norm", "chance"]
     rows = [[name] + [s[c] for c in cols] for name, s in report["subjects"].items()]
     overall = report["overall"]
     rows.append(["**overall**"] + [overall[c] for c in cols])
-    title = f"{report['task']} — model {report['model']}, {report['shots']}-shot"
-    cut = sum(1 for it in report.get("items", []) if it.get("truncated"))
-    fewer = sum(1 for it in report.get("items", []) if it.get("shots", 0) < report["shots"])
+    title = f"{report['task']} — model {report['model']}, {report['shots']}-shot" + (
+        f", {report['split']} split" if report.get("split") else "")
+    cut = report.get("items_truncated", sum(1 for it in report.get("items", []) if it.get("truncated")))
+    fewer = report.get("items_with_fewer_shots",
+                       sum(1 for it in report.get("items", []) if it.get("shots", 0) < report["shots"]))
     notes = []
     if len(report["subjects"]) > 1 and overall.get("acc_macro") is not None:
         notes.append(f"mean over subjects: acc {overall['acc_macro']:.4f}")
@@ -44,6 +56,8 @@ def to_markdown(report: dict) -> str:
         notes.append(f"{fewer} item(s) kept fewer shots to fit the context")
     if cut:
         notes.append(f"{cut} item(s) cut on the left to fit the context")
+    if report.get("note"):
+        notes.append(report["note"])
     return f"{title}\n\n" + _table(["subject"] + cols, rows) + ("\n\n" + "; ".join(notes) if notes else "")
 
 

@@ -27,6 +27,7 @@ class Scorer(Protocol):
     name: str
     context: int  # longest sequence (in tokens) that score() accepts
     doc_start_id: int | None  # token that opens a document in training, if the tokenizer has one
+    vocab_size: int  # the model's output size (n-gram baselines spread unseen mass over it)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -39,6 +40,7 @@ class EngineScorer:
         self.name = engine.m.name
         self.context = engine.context
         self.doc_start_id = engine.m.meta.specials.get(DOC_START)
+        self.vocab_size = engine.m.config.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.engine.encode(text)
@@ -56,6 +58,7 @@ class BatcherScorer:
         self.name = served.name
         self.context = served.codec.context
         self.doc_start_id = served.loaded.meta.specials.get(DOC_START)
+        self.vocab_size = served.loaded.config.vocab_size
 
     def encode(self, text: str) -> list[int]:
         return self.served.codec.encode(text)  # the tokenizer is thread-safe; the model is not touched

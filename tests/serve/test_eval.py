@@ -76,6 +76,34 @@ def test_bpb_on_pack_val_equals_direct_computation(scorer, tokens_dir):
 
 
 @pytest.mark.slow
+def test_ngram_baselines_are_distributions_over_the_models_vocabulary(scorer, tokens_dir):
+    import numpy as np
+
+    from dataproc.quality.ngram import id_hashes
+    from serve.eval.baselines import NgramBaselines
+    from serve.eval.run import baseline_texts
+
+    manifest = json.loads((tokens_dir / "manifest.json").read_text(encoding="utf-8"))
+    base = NgramBaselines.train(scorer.encode, baseline_texts([str(tokens_dir)], None), scorer.vocab_size)
+    assert base.train_docs == sum(s["docs"] for s in manifest["splits"]["train"].values())
+    ids = np.arange(scorer.vocab_size)
+    for name, model in base.models.items():
+        # p(first token | document start) over every id, plus p(end | start): one distribution
+        first = model.logprobs_of(id_hashes(ids), np.ones(len(ids), dtype=np.int64))[0::2]
+        end = model.logprobs_of(id_hashes(ids[:0]), np.zeros(1, dtype=np.int64))[0]
+        assert np.exp(first).sum() + np.exp(end) == pytest.approx(1.0, abs=1e-4), name
+    docs = {k: list(v) for k, v in bpb.pack_documents(tokens_dir, sources=["news", "peoples_daily"], limit=20).items()}
+    report = bpb.evaluate_bpb(scorer, docs, baselines=base)
+    for name, texts in docs.items():
+        row, n_bytes = report["sources"][name], sum(len(t.encode("utf-8")) for t in texts)
+        direct = base.nats([scorer.encode(t) for t in texts])
+        for model in ("unigram", "kn3"):
+            assert row[f"{model}_bpb"] == pytest.approx(direct[model] / math.log(2) / n_bytes, rel=1e-9)
+        assert row["kn3_bpb"] < row["unigram_bpb"]  # context helps on real text
+    assert report["baselines"]["train_tokens"] == base.train_tokens
+    assert "| unigram_bpb | kn3_bpb |" in to_markdown(report)
+
+
 def test_bpb_is_fair_across_the_packs_tokenizer(ray_session, clean_corpus, tokens_dir, scorer, tmp_path):
     """The same val documents packed with a different tokenizer: the same texts, the
     same bytes and the same score, though the packs' token ids differ."""
@@ -134,19 +162,6 @@ def test_cmmlu_prompt_is_the_official_one(shared_data):
     assert files <= set(cmmlu.SUBJECTS_ZH) and len(files) == 67  # every subject has its Chinese name
     with pytest.raises(UserError, match="unknown subject"):
         cmmlu.load_cmmlu(shared_data / "eval" / "cmmlu", subjects=["astrology"])
-
-
-def test_ceval_layout_and_bad_rows(tmp_path):
-    for split in ("dev", "val"):
-        (tmp_path / split).mkdir()
-        (tmp_path / split / f"accountant_{split}.csv").write_text(
-            "id,question,A,B,C,D,answer,explanation\n7,一加一等于几？,1,2,3,4,B,\n", encoding="utf-8")
-    items, dev = cmmlu.load_cmmlu(tmp_path)
-    assert [(it.id, it.subject, it.gold) for it in items] == [("accountant/7", "accountant", 1)]
-    assert cmmlu.cmmlu_prompt(items[0], []).context.startswith("以下是关于accountant的单项选择题")
-    (tmp_path / "val" / "accountant_val.csv").write_text("id,question,A,B,answer\n1,q,x,y,E\n", encoding="utf-8")
-    with pytest.raises(UserError, match=r"accountant_val.csv:2: answer 'E'"):
-        cmmlu.load_cmmlu(tmp_path)
 
 
 def test_arc_parsing_and_prompt(shared_data, tmp_path):
@@ -229,9 +244,11 @@ def test_shots_dropped_then_left_truncation():
     small = CharScorer(context=80)  # room for one shot (~45 chars) + the question
     r = evaluate_multiple_choice(small, items[:1], arc.arc_prompt, shots_of, shots=3, task="t")
     assert r["items"][0]["shots"] == 1 and not r["items"][0]["truncated"]
+    assert (r["items_with_fewer_shots"], r["items_truncated"]) == (1, 0)
     tiny = CharScorer(context=12)
-    r = evaluate_multiple_choice(tiny, items[:1], arc.arc_prompt, shots_of, shots=3, task="t")
+    r = evaluate_multiple_choice(tiny, items[:2], arc.arc_prompt, shots_of, shots=3, task="t")
     assert r["items"][0]["shots"] == 0 and r["items"][0]["truncated"]
+    assert (r["items_with_fewer_shots"], r["items_truncated"]) == (2, 2)
     assert all(len(s) <= 12 for s in tiny.seen) and all(s[-2:] == [ord(" "), ord(c)] for s, c in
                                                         zip(tiny.seen, "ab"))
     assert "cut on the left" in to_markdown(r)
@@ -253,7 +270,7 @@ def test_encode_pair_like_lm_eval():
     assert ctx + cont == merging("答案：A") and cont == [-1]
 
 
-def test_zerolm_eval_cli(tiny_model_dir, shared_data, tmp_path, capsys):
+def test_zerolm_eval_cli(tiny_model_dir, tokens_dir, shared_data, tmp_path, capsys):
     from zerolm.cli import main
 
     notes = tmp_path / "notes.txt"
@@ -263,7 +280,14 @@ def test_zerolm_eval_cli(tiny_model_dir, shared_data, tmp_path, capsys):
                  "--output", str(out)]) == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["sources"]["mine"]["docs"] == 2 and report["model"] == tiny_model_dir.name
-    assert "| mine | 2 |" in capsys.readouterr().out
+    assert report["baselines"] is None  # text only: nothing to train them on
+    printed = capsys.readouterr().out
+    assert "| mine | 2 |" in printed and "no n-gram baselines" in printed
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "bpb", "--data", str(tokens_dir), "--limit", "5",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert all(r["kn3_bpb"] > 0 and r["unigram_bpb"] > 0 for r in report["sources"].values())
+    assert "kn3_bpb" in capsys.readouterr().out
     arc_file = str(shared_data / "eval" / "arc_easy" / "validation.jsonl")
     cmmlu_dir = str(shared_data / "eval" / "cmmlu" / "data")
     for argv, message in [(["--model", str(tmp_path), "--task", "arc", "--data", arc_file], "not a model folder"),
