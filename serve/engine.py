@@ -23,6 +23,7 @@ from serve.decoder import Decoder
 from serve.kv import SlotCache, prefill
 from serve.loading import LoadedModel
 from serve.sampling import SamplingParams, apply_repetition_penalty, sample
+from serve.utf8 import Utf8Guard
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Result:
     finish_reason: str  # "stop" | "length"
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first entry None
     output_logprobs: list[TokenLogprob] | None = None
+    incomplete_bytes: int = 0  # cut at max_tokens inside a character: its bytes, left out of text
 
 
 @dataclass
@@ -72,6 +74,7 @@ class _Seq:
     text_from: int = 0
     text_upto: int = 0
     cut_at_stop: bool = False  # res.text was cut at a stop string
+    utf8_state: int = 0  # continuation bytes the text still needs (serve/utf8.py)
 
 
 class Batch:
@@ -148,6 +151,7 @@ class Engine(TextCodec):
             raise ValueError(f"CUDA graphs need a CUDA device; model {loaded.name!r} is on {loaded.device}")
         self.cuda_graphs = loaded.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.static_shapes = static_shapes
+        self.utf8 = Utf8Guard.for_tokenizer(loaded.tokenizer, loaded.config.vocab_size, loaded.device)
 
     def new_batch(self, *, rows: int = 1, graphs: bool = True) -> Batch:
         """An empty batch with its own cache. A long-lived one (the serving loop) keeps
@@ -186,7 +190,10 @@ class Engine(TextCodec):
                 continue
             seed = r.params.seed if r.params.seed is not None else random.getrandbits(63)
             seen = torch.tensor(r.prompt_ids, device=dev) if r.params.repetition_penalty != 1.0 else None
-            seqs.append(_Seq(r, res, cb, random.Random(seed), seen))
+            seq = _Seq(r, res, cb, random.Random(seed), seen)
+            if self.utf8 is not None and r.params.valid_utf8:  # a prompt of ids may end inside a character
+                seq.utf8_state = self.utf8.state_after(r.prompt_ids[-4:])
+            seqs.append(seq)
         if need_all:
             logits = logits[torch.arange(m, device=dev), torch.tensor(lens, device=dev) - 1]  # (m, V)
         batch.seqs += seqs
@@ -214,6 +221,10 @@ class Engine(TextCodec):
             finished = self._advance(seq, tok)
             if finished and not seq.cut_at_stop:
                 res.text = self.decode(res.output_ids)  # the whole text, decoded once at the end
+                if seq.utf8_state and self.utf8 is not None and p.valid_utf8:
+                    # cut at max_tokens inside a character: say so instead of ending with U+FFFD
+                    res.incomplete_bytes = self.utf8.tail_bytes(res.output_ids[-4:])
+                    res.text = res.text.removesuffix("\ufffd")
             if seq.seen is not None:
                 seq.seen = torch.cat([seq.seen, torch.tensor([tok], device=dev)])
             if seq.req.on_text is not None:
@@ -234,11 +245,14 @@ class Engine(TextCodec):
         batch.logits = batch.decoder(tokens, positions)
         batch.lengths = [n + 1 for n in positions]
 
-    @staticmethod
-    def _choose(batch: Batch) -> list[int]:
+    def _choose(self, batch: Batch) -> list[int]:
         """The next token of every row: greedy rows by one argmax, sampling rows by one
-        batched draw (serve/sampling.py), read back to the host together."""
+        batched draw (serve/sampling.py), read back to the host together. Tokens that
+        would break the text's UTF-8 are ruled out first (logprobs report the model's own)."""
         logits, seqs = batch.logits, batch.seqs
+        guarded = [row for row, seq in enumerate(seqs) if seq.req.params.valid_utf8] if self.utf8 else []
+        if guarded:
+            logits = self.utf8.mask(logits, guarded, [seqs[row].utf8_state for row in guarded])
         penalised = [row for row, seq in enumerate(seqs) if seq.seen is not None]
         if penalised:  # rare: one row at a time, on a copy (logprobs report the model's own)
             logits = logits.clone()
@@ -294,6 +308,8 @@ class Engine(TextCodec):
                 res.output_logprobs.pop()  # the stop token is not part of the answer
             return True
         res.output_ids.append(tok)
+        if self.utf8 is not None and p.valid_utf8:
+            seq.utf8_state = int(self.utf8.next_state[seq.utf8_state, tok])
         if p.stop or seq.req.on_text is not None:
             self._extend_text(seq)
         for s in p.stop:

@@ -197,7 +197,8 @@ def completion_response(req: CompletionRequest, served: ServedModel, prompts: li
             out_ids = [e.token_id for e in (res.output_logprobs or [])]
             gen = _logprobs_block(served, res.output_logprobs or [], out_ids, len(p.prompt_text) if req.echo else 0)
             logprobs = {k: block[k] + gen[k] for k in block}
-        choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason})
+        choices.append({"index": idx, "text": text, "logprobs": logprobs, "finish_reason": res.finish_reason,
+                        **_incomplete(res)})
     return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
             "model": served.name, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -243,12 +244,18 @@ def _chat_logprobs(served: ServedModel, entries: list[TokenLogprob]) -> dict:
                         for e in entries]}
 
 
+def _incomplete(res: Result) -> dict:
+    """Cut at max_tokens inside a character: the text leaves those bytes out and says how
+    many (an extra field; OpenAI clients ignore it)."""
+    return {"incomplete_utf8_bytes": res.incomplete_bytes} if res.incomplete_bytes else {}
+
+
 def chat_response(req: ChatRequest, served: ServedModel, prompt_ids: list[int], results: list[Result]) -> dict:
     choices = []
     for i, res in enumerate(results):
         lp = _chat_logprobs(served, res.output_logprobs or []) if req.logprobs else None
         choices.append({"index": i, "message": {"role": "assistant", "content": res.text}, "logprobs": lp,
-                        "finish_reason": res.finish_reason})
+                        "finish_reason": res.finish_reason, **_incomplete(res)})
     completion = sum(len(r.output_ids) for r in results)
     return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
             "model": served.name, "choices": choices,

@@ -27,6 +27,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # top alternatives to report per generated token
+    valid_utf8: bool = True  # only tokens that keep the text valid UTF-8 (serve/utf8.py); False: the raw model
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

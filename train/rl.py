@@ -331,7 +331,9 @@ class RLTask:
             for j in range(samples):
                 params = SamplingParams(max_tokens=room, temperature=0.0 if greedy else r.temperature,
                                         top_p=r.top_p, top_k=r.top_k, seed=seed * 1000003 + i * samples + j,
-                                        stop_ids=(self.chat.end_id,))
+                                        stop_ids=(self.chat.end_id,),
+                                        # the policy's own distribution, which the loss's ratios assume
+                                        valid_utf8=False)
                 requests.append(Request(list(p["ids"]), params))
         t = time.perf_counter()
         results = self.sampler.generate(requests) if requests else []

@@ -47,7 +47,8 @@ def test_a_transformers_llama_folder_decodes_as_transformers_does(tiny_model_dir
     engine = Engine(load_model("hf", tmp_path, device="cpu"))
     assert engine.m.config.tie_embeddings == tied and engine.m.config.kv_heads == 2
     prompts = [engine.encode(t) for t in ("中华人民共和国成立于", "The quick brown fox", "北京")]
-    results = engine.generate([Request(p, SamplingParams(max_tokens=12, temperature=0.0))
+    # valid_utf8=False: the raw model's greedy tokens, which is what transformers decodes
+    results = engine.generate([Request(p, SamplingParams(max_tokens=12, temperature=0.0, valid_utf8=False))
                                for p in prompts])
     with torch.no_grad():
         for p, res in zip(prompts, results):

@@ -49,7 +49,8 @@ def _subset(shared_data, tiny_model_dir, root) -> dict[str, list[str]]:
     root/cmmlu/{dev,test}/<subject>.csv, and the same rows as JSONL for lm-eval."""
     from tokenizers import Tokenizer
 
-    from serve.eval.cmmlu import cmmlu_prompt, read_csv
+    from serve.eval.cmmlu import cmmlu_prompt
+    from serve.eval.exams import read_subject
     from serve.eval.multiple_choice import encode_pair
 
     tok = Tokenizer.from_file(str(tiny_model_dir / "hf" / "tokenizer.json"))
@@ -57,10 +58,10 @@ def _subset(shared_data, tiny_model_dir, root) -> dict[str, list[str]]:
     src = shared_data / "eval" / "cmmlu" / "data"
     chosen = {}
     for subject in SUBJECTS:
-        shots = read_csv(src / "dev" / f"{subject}.csv", subject)[:SHOTS]
+        shots = read_subject(src / "dev" / f"{subject}.csv", subject)[0][:SHOTS]
         rows = _rows(src / "test" / f"{subject}.csv")
         keep = []
-        for item, row in zip(read_csv(src / "test" / f"{subject}.csv", subject), rows[1:]):
+        for item, row in zip(read_subject(src / "test" / f"{subject}.csv", subject)[0], rows[1:]):
             ctx, cont = encode_pair(encode, cmmlu_prompt(item, shots).context, "A")
             if len(ctx) + len(cont) < 256:  # lm-eval asks for one generated token on top
                 keep.append(row)
