@@ -14,8 +14,8 @@ instead of a trailing U+FFFD.
 
 The lead byte's second-byte ranges (overlong forms, surrogates: E0 A0-BF, ED 80-9F,
 F0 90-BF, F4 80-8F) are not tracked; such sequences are vanishingly rare in practice.
-Vocabularies whose bytes cannot be read (a decoder other than ByteLevel, or
-Metaspace with byte fallback) get no guard.
+Vocabularies whose bytes cannot be read (a decoder other than ByteLevel or
+ByteFallback) get no guard.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ def verbose() -> bool:
 WORKER_NOISE = re.compile("|".join((
     r"^\[\d{4}-\d\d-\d\d [\d:,]+ [DIW] \d+ \d+\] ",  # Ray's C++ core log below error level
     r"has constructor arguments in the object store and max_restarts > 0",  # ray#53727, Ray Train's own actor
+    r"\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor",  # an actor Ray Data already ended
     r"^DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully",
     r"FutureWarning: `torch\.distributed\.all_gather_into_tensor` is deprecated",  # DeepSpeed's calls
     r"^\s+return func\(\*args, \*\*kwargs\)$",  # the source line of that warning

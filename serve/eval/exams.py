@@ -110,9 +110,9 @@ def _from_record(rec: dict, where: str) -> tuple[str, str, list[str], int | None
     if "question" not in lower:
         raise UserError(f"{where}: no question field (has {sorted(rec)[:8]})")
     question = str(rec[lower["question"]])
-    if "choices" in lower and isinstance(rec[lower["choices"]], (list, tuple)) or \
-            "choices" in lower and hasattr(rec[lower["choices"]], "tolist"):
-        choices = [str(c) for c in list(rec[lower["choices"]])]
+    listed = rec.get(lower["choices"]) if "choices" in lower else None
+    if listed is not None and not isinstance(listed, (str, dict)):  # a list (or a numpy array from parquet)
+        choices = [str(c) for c in list(listed)]
     else:
         choices = [str(rec[k]) for k in LETTERS if k in rec and rec[k] is not None]
     if len(choices) < 2:
