@@ -35,7 +35,7 @@ from dataproc.filters.outlier import OutlierFilter, partial_moments, thresholds_
 from dataproc.normalize import Normalizer
 from dataproc.quality.stage import add_model_steps, check_models, model_step_names
 from dataproc.readers import read_task
-from dataproc.sources import plan_read_tasks
+from dataproc.sources import plan_read_tasks, read_chunk_bytes
 from dataproc.stats import build_stats, format_summary
 from dataproc.writer import make_sink
 from zerolm.config import config_hash
@@ -169,6 +169,9 @@ def run_data(cfg: DataRunConfig, *, overwrite: bool = False, echo=print) -> dict
     from ray.data.context import DataContext, ShuffleStrategy
 
     node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    chunk = read_chunk_bytes(cfg.read.chunk_bytes, tasks, cluster_cpus())
+    if chunk < cfg.read.chunk_bytes:  # one big file would be a few read tasks for many CPUs
+        tasks = plan_read_tasks(cfg.read.inputs, chunk)
     ctx = DataContext.get_current()
     ctx.shuffle_strategy = ShuffleStrategy(shuffle_strategy(node_cpus))
     # Blocks in input order (and shuffled partitions sorted by id): the same inputs and

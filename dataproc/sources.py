@@ -262,6 +262,16 @@ def plan_read_tasks(inputs: list, chunk_bytes: int, skipped_links: list | None =
     return tasks
 
 
+def read_chunk_bytes(chunk_bytes: int, tasks: list[ReadTask], cpus: int, per_cpu: int = 4,
+                     floor: int = 1 << 20) -> int:
+    """Chunk size that gives every CPU work even when the input is one big file: at
+    least `per_cpu` pieces per CPU of the bytes to read, never below `floor` (nor above
+    `chunk_bytes`). Ids are byte offsets in their file, so the cut changes no id and no
+    row, only how many read tasks run in parallel."""
+    total = sum({(t.fs_uri, t.path): t.size for t in tasks}.values())
+    return max(min(floor, chunk_bytes), min(chunk_bytes, -(-total // max(1, per_cpu * cpus))))
+
+
 def _make_ids_unique(tasks: list[ReadTask]) -> None:
     """Ids are `<source>/<relpath>...`: two files given by different inputs can share
     both (`a/part-0.jsonl` and `b/part-0.jsonl` as two inputs have relpath part-0.jsonl

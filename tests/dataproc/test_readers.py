@@ -180,3 +180,19 @@ def test_same_file_twice_is_read_once(shared_data):
     path = str(shared_data / "pretrain/zh/news_sentences.txt")
     tasks = plan_read_tasks([InputSpec(path=path), InputSpec(path=os.path.dirname(path) + "/news_*.txt")], 1 << 20)
     assert len(tasks) == 1
+
+
+def test_read_chunks_give_every_cpu_work(shared_data):
+    """One big file is cut into >= 4 pieces per CPU (never below 1 MiB, never above
+    chunk_bytes); several files count once each however they are cut."""
+    from dataproc.sources import read_chunk_bytes
+
+    path = shared_data / "pretrain" / "zh" / "peoples_daily_199801.txt"  # 5.5 MB
+    whole = plan_read_tasks([InputSpec(path=str(path))], 32 << 20)
+    assert len(whole) == 1
+    chunk = read_chunk_bytes(32 << 20, whole, cpus=1)
+    assert chunk == -(-path.stat().st_size // 4) and len(plan_read_tasks([InputSpec(path=str(path))], chunk)) == 4
+    assert read_chunk_bytes(32 << 20, whole, cpus=8) == 1 << 20  # the floor: 32 pieces would be too small
+    assert read_chunk_bytes(1 << 16, whole, cpus=1) == 1 << 16  # never above the configured size
+    cut = plan_read_tasks([InputSpec(path=str(path))], 1 << 20)
+    assert read_chunk_bytes(32 << 20, cut, cpus=1) == chunk  # the same file cut in six is still 5.5 MB
