@@ -92,19 +92,9 @@ def shingles(text: str) -> list[str]:
 
 
 def components(n: int, pairs) -> int:
-    parent = list(range(n))
+    from dataproc.near_dedup.labelled import union_find_labels
 
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return sum(1 for i in range(n) if find(i) == i)
+    return len(set(union_find_labels(n, pairs).tolist()))
 
 
 def child_datasketch(path: str) -> int:

@@ -293,6 +293,8 @@ def test_zerolm_eval_cli(tiny_model_dir, tokens_dir, shared_data, tmp_path, caps
     for argv, message in [(["--model", str(tmp_path), "--task", "arc", "--data", arc_file], "not a model folder"),
                           (["--task", "arc", "--data", str(tmp_path / "nope.jsonl")], "no such file"),
                           (["--task", "cmmlu"], "needs --data"),
+                          (["--task", "bpb", "--data", str(notes), "--baseline-train", str(tmp_path / "no.txt")],
+                           "no such file"),
                           (["--task", "cmmlu", "--data", cmmlu_dir, "--subjects", "astrology"], "unknown subject")]:
         if "--model" not in argv:
             argv = ["--model", str(tiny_model_dir)] + argv
