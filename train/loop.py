@@ -105,7 +105,7 @@ def build_engine(cfg: StageConfig, model: torch.nn.Module, ctx: WorkerContext, t
         model.fused_loss = False  # inductor fuses the plain loss better than our chunks
         model.compile()
     fused = ctx.device.type == "cuda" and not cfg.deepspeed.offload_optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2),
                                   eps=o.eps, fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, make_lambda(total_steps, o, cfg.schedule))
     engine, optimizer, _, scheduler = deepspeed.initialize(

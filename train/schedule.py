@@ -43,11 +43,33 @@ def make_lambda(total: int, optim: OptimSection, sched: ScheduleSection):
     return lambda step: lr_at(step, total, 1.0, optim, sched)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, optim: OptimSection) -> list[dict]:
     """AdamW groups: weight decay on matrices (>= 2-D: linear and embedding weights),
-    none on vectors (norm gains, biases), as in GPT-3 / Llama."""
-    decay, no_decay = [], []
+    none on vectors (norm gains, biases), as in GPT-3 / Llama; the token tables of
+    every decoder in `model` in groups of their own (no decay) when optim gives them
+    their own lr (each group's "lr" is its peak: LambdaLR scales them all by the same
+    schedule)."""
+    from train.model import Transformer
+
+    own_lr: dict[int, float] = {}
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            if optim.embedding_lr is not None:
+                own_lr[id(module.tok_embeddings.weight)] = optim.embedding_lr
+            if optim.lm_head_lr is not None:  # after the input table: a tied table takes this one
+                own_lr[id(module.output.weight)] = optim.lm_head_lr
+    decay, no_decay, tables = [], [], {}
     for _, p in model.named_parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if id(p) in own_lr:
+            tables.setdefault(own_lr[id(p)], []).append(p)
+        else:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay, "lr": optim.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": optim.lr}]
+    # No decay on tables with their own lr: AdamW decays every row at each step by lr x
+    # weight_decay (3% at lr 0.3), while a rare token's row gets a gradient only in the
+    # few steps that hold it (measured with wd 0, docs/benchmarks.md).
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": lr} for lr, ps in tables.items()]
+    return [g for g in groups if g["params"]]

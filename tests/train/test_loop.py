@@ -104,3 +104,45 @@ def test_a_frozen_model_sharing_weights_is_refused(tmp_path):
 
     with pytest.raises(RuntimeError, match="shares parameters"):
         run_training(_cfg(tmp_path), FrozenTask(share=True), setup(False), tmp_path, 2, echo=lambda *_: None)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_token_tables_train_at_their_own_learning_rates(tied):
+    """optim.embedding_lr / lm_head_lr: each table is its own AdamW group whose peak lr
+    the schedule scales like the others'. Adam's first step moves every weight by
+    about lr (sign of the gradient), so the step sizes show which lr each took; a
+    tied table is the output projection too and takes lm_head_lr. Tables with their own
+    lr are not decayed."""
+    import deepspeed
+
+    from train.loop import deepspeed_config
+    from train.schedule import make_lambda, param_groups
+
+    torch.manual_seed(0)
+    model = Transformer(MCFG.model_copy(update={"tie_embeddings": tied}))
+    cfg = StageConfig.model_validate({"optim": {"lr": 1e-3, "embedding_lr": 1e-1, "lm_head_lr": 1e-2,
+                                                "weight_decay": 0.1},
+                                      "deepspeed": {"zero_stage": 0, "precision": "fp32"}})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim), lr=cfg.optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, make_lambda(10, cfg.optim, cfg.schedule))
+    assert sorted(g["lr"] for g in opt.param_groups) == ([1e-3, 1e-3, 1e-2] if tied else [1e-3, 1e-3, 1e-2, 1e-1])
+    # the matrices keep their decay; the tables (own lr) have none
+    assert sorted((g["lr"], g["weight_decay"]) for g in opt.param_groups)[-1] == ((1e-2 if tied else 1e-1), 0.0)
+    assert any(g["weight_decay"] == 0.1 for g in opt.param_groups)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from train.distributed import setup
+
+    setup(False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, 1, False), dist_init_required=False)
+    x = torch.randint(0, 64, (2, 8))
+    _, loss = engine(x, x)
+    engine.backward(loss)
+    engine.step()
+    moved = {k: (v - before[k]).abs() for k, v in engine.module.state_dict().items()}
+    top = lambda k: moved[k].max().item()  # noqa: E731
+    warm = make_lambda(10, cfg.optim, cfg.schedule)(0)  # the first step's share of each peak
+    assert top("layers.0.attention.wqkv.weight") == pytest.approx(1e-3 * warm, rel=0.05)
+    assert top("output.weight") == pytest.approx(1e-2 * warm, rel=0.05)
+    assert top("tok_embeddings.weight") == pytest.approx((1e-2 if tied else 1e-1) * warm, rel=0.05)
