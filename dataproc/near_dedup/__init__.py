@@ -6,11 +6,11 @@ Modules, in the order the data flows:
   minhash     signatures, LSH band keys, band layout from a threshold
   simhash     64-bit fingerprints, pigeonhole block keys
   steps       batch functions over the corpus (Signer, Bander, buckets, Mark)
-  verify      exact-Jaccard verification of candidate pairs
+  verify      exact Jaccard (or containment) verification of candidate pairs
   graph       bucket stars, components inside a partition, large/small-star steps
   components  distributed connected components (Ray Data rounds)
   job         the Ray Data wiring (`near_dedup(ds, cfg, ...)`)
   run         the standalone job `zerolm data near-dedup`
-  labelled    a labelled near-duplicate set from real text, and pair metrics
+  labelled    labelled near-duplicate sets from real text, and pair metrics
 Only job.py, components.py and run.py touch Ray Data; the rest is numpy/pyarrow.
 """

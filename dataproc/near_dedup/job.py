@@ -34,7 +34,7 @@ from dataproc.near_dedup.steps import (
     A, B, BKEY, HELPER_COLUMNS, NODE, SIG_A, SIG_B, Bander, Conform, Mark, Markers, MinHashBuckets, Signer,
     SimHashBuckets, binary_matrix, node_to_id,
 )
-from dataproc.near_dedup.verify import PA, PB, Attach, Verify, payload, requests
+from dataproc.near_dedup.verify import EXACT, PA, PB, Attach, Verify, payload, requests
 
 DUPLICATES_DIR = "duplicates"
 AUDIT_SCHEMA = pa.schema([("removed_id", pa.string()), ("kept_id", pa.string()), ("cluster_id", pa.int64()),
@@ -110,7 +110,7 @@ def _candidate_edges(signed, cfg: NearDedupConfig, parts: int, info: dict):
     star = (signed.map_batches(Bander(cfg, bands, rows), batch_size=4096, batch_format="pyarrow")
             .repartition(parts, keys=[BKEY])
             .map_batches(MinHashBuckets(), batch_size=None, batch_format="pyarrow").materialize())
-    with_text = cfg.minhash.verify == "jaccard"
+    with_text = cfg.minhash.verify in EXACT  # exact checks (jaccard, containment) re-shingle the texts
     pay = signed.map_batches(payload(with_text), batch_size=4096, batch_format="pyarrow")
     attached = (star.map_batches(requests, batch_format="pyarrow").union(pay)
                 .repartition(parts, keys=[NODE])

@@ -6,8 +6,10 @@
             SIG) of its nodes plus the requests for them -> (PA, PB, SIDE, TEXT, KIND,
             SIG); a pair found in several bands meets itself here and is kept once
   Verify    one hash partition of (PA, PB): both sides of each pair -> the edge with
-            both signatures (for the audit) if its Jaccard reaches the threshold:
-            exact on the shingle sets ("jaccard") or estimated ("signature").
+            both signatures (for the audit) if its similarity reaches the threshold:
+            exact Jaccard of the shingle sets ("jaccard"), exact containment of the
+            smaller set in the larger ("containment"), or the signature estimate of
+            Jaccard ("signature").
 Only the documents that are in some candidate pair travel beyond Attach.
 """
 
@@ -61,10 +63,10 @@ class Attach:
         return pa.Table.from_pandas(merged[self.cols], preserve_index=False)
 
 
-def exact_jaccard(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], kinds_b: np.ndarray,
-                  cfg: ShingleConfig, seed: int) -> np.ndarray:
-    """Jaccard of the shingle (hash) sets of texts_a[i] and texts_b[i], vectorised:
-    (n,) float64. Equal to the Jaccard of the shingle strings up to 64-bit collisions."""
+def _overlap(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], kinds_b: np.ndarray,
+             cfg: ShingleConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(|A∩B|, |A|, |B|) of the shingle (hash) sets of texts_a[i] and texts_b[i],
+    vectorised: three (n,) int64 arrays."""
     n = len(texts_a)
     h, c = shingle_batch(texts_a + texts_b, np.concatenate([kinds_a, kinds_b]).astype(np.int8), cfg, seed)
     row = np.repeat(np.arange(2 * n), c)
@@ -78,9 +80,30 @@ def exact_jaccard(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], k
     order = np.lexsort((h, pair))  # a shingle of both texts of a pair shows up twice in a row
     h, pair = h[order], pair[order]
     both = (h[1:] == h[:-1]) & (pair[1:] == pair[:-1])
-    inter = np.bincount(pair[1:][both], minlength=n)
-    union = size[:n] + size[n:] - inter
-    return np.divide(inter, union, out=np.zeros(n), where=union > 0)
+    return np.bincount(pair[1:][both], minlength=n), size[:n], size[n:]
+
+
+def exact_jaccard(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], kinds_b: np.ndarray,
+                  cfg: ShingleConfig, seed: int) -> np.ndarray:
+    """Jaccard |A∩B| / |A∪B| of the shingle (hash) sets of texts_a[i] and texts_b[i]:
+    (n,) float64. Equal to the Jaccard of the shingle strings up to 64-bit collisions."""
+    inter, size_a, size_b = _overlap(texts_a, kinds_a, texts_b, kinds_b, cfg, seed)
+    union = size_a + size_b - inter
+    return np.divide(inter, union, out=np.zeros(len(inter)), where=union > 0)
+
+
+def exact_containment(texts_a: list[str], kinds_a: np.ndarray, texts_b: list[str], kinds_b: np.ndarray,
+                      cfg: ShingleConfig, seed: int) -> np.ndarray:
+    """Containment of the smaller shingle set in the larger: |A∩B| / min(|A|, |B|),
+    (n,) float64. Symmetric (the job's pairs are ordered by keep order, not size), and
+    1.0 for an excerpt copied whole into a longer document, whose Jaccard is only
+    about its share of the longer one."""
+    inter, size_a, size_b = _overlap(texts_a, kinds_a, texts_b, kinds_b, cfg, seed)
+    small = np.minimum(size_a, size_b)
+    return np.divide(inter, small, out=np.zeros(len(inter)), where=small > 0)
+
+
+EXACT = {"jaccard": exact_jaccard, "containment": exact_containment}
 
 
 class Verify:
@@ -98,10 +121,11 @@ class Verify:
         sig0 = binary_matrix(pa.array(s0[SIG].tolist(), pa.binary()), np.uint32)
         sig1 = binary_matrix(pa.array(s1[SIG].tolist(), pa.binary()), np.uint32)
         j = estimate_jaccard(sig0, sig1) if len(s0) else np.zeros(0)
-        if mode == "jaccard":
+        if mode in EXACT:
             t0, t1 = s0[TEXT].tolist(), s1[TEXT].tolist()
             k0, k1 = s0[KIND].to_numpy(np.int8), s1[KIND].to_numpy(np.int8)
-            j = np.concatenate([exact_jaccard(t0[p], k0[p], t1[p], k1[p], self.cfg.shingles, self.cfg.seed)
+            exact = EXACT[mode]
+            j = np.concatenate([exact(t0[p], k0[p], t1[p], k1[p], self.cfg.shingles, self.cfg.seed)
                                 for p in chunk_slices([a + b for a, b in zip(t0, t1)])]) if len(t0) else j
         keep = np.ones(len(j), dtype=bool) if mode == "none" else j >= t
         out = edges_table(s0[PA].to_numpy(object)[keep], s0[PB].to_numpy(object)[keep],

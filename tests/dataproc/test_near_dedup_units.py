@@ -18,7 +18,8 @@ from dataproc.near_dedup.config import NearDedupConfig, ShingleConfig
 from dataproc.near_dedup.minhash import MinHasher, estimate_jaccard, optimal_bands
 from dataproc.near_dedup.shingles import KIND_CODES, detect_kinds, shingle_batch
 from dataproc.near_dedup.steps import A, B, SIG, SIG_A, SIG_B, Signer, edges_table
-from dataproc.near_dedup.verify import exact_jaccard
+from dataproc.near_dedup.local import verified_edges
+from dataproc.near_dedup.verify import exact_containment, exact_jaccard
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def test_detect_kinds_by_script_and_source(real_docs):
     assert {int(x) for x, lang in zip(k, langs) if lang == "zh"} == {KIND_CODES["jieba"]}
 
 
-def test_hashed_jaccard_equals_string_jaccard(real_docs):
+@pytest.mark.parametrize("n", [3, 5])
+def test_hashed_jaccard_equals_string_jaccard(real_docs, n):
     # exact_jaccard works on 64-bit hashes; labelled.py on Python sets of strings.
     rng = random.Random(0)
     a, b, k = [], [], []
@@ -67,10 +69,93 @@ def test_hashed_jaccard_equals_string_jaccard(real_docs):
         e = labelled.edit(t, lang, "substitute", rng.choice([0.01, 0.05, 0.2]), real_docs[0][1], rng)
         a.append(t), b.append(e), k.append(0 if lang == "zh" else 1)
     k = np.array(k, np.int8)
-    got = exact_jaccard(a, k, b, k, ShingleConfig(), seed=1)
-    want = [labelled.jaccard(labelled.shingle_set(x, lg), labelled.shingle_set(y, lg))
+    got = exact_jaccard(a, k, b, k, ShingleConfig(char_ngram=n, word_ngram=n), seed=1)
+    want = [labelled.jaccard(labelled.shingle_set(x, lg, n), labelled.shingle_set(y, lg, n))
             for x, y, (lg, _) in zip(a, b, real_docs[::4])]
     np.testing.assert_allclose(got, want, atol=1e-9)
+
+
+def _host(text: str, lang: str, fillers: list[str]) -> str:
+    """`text` copied whole into the middle of other real text about 3x its length."""
+    sep = "" if lang == "zh" else "\n"
+    pad = sep.join(fillers)[: len(text)]
+    return sep.join([pad, text, pad[::-1] if lang == "zh" else " ".join(pad.split()[::-1])])
+
+
+def test_containment_links_an_excerpt_that_jaccard_does_not(real_docs):
+    """An original copied into a document 3x its length: shingle Jaccard ~0.33, so the
+    Jaccard default leaves it, while verify: containment (|A∩B| / min(|A|, |B|) = 1.0)
+    links it, through the job's own steps (candidates centred low enough, texts
+    carried to Verify) and without linking unrelated documents."""
+    zh = [t for lang, t in real_docs if lang == "zh"][:20]
+    en = [t for lang, t in real_docs if lang == "en"][:20]
+    texts, pairs = [], set()
+    for lang, docs in (("zh", zh), ("en", en)):
+        for i in range(4):  # docs[0..3] copied into hosts padded with docs[4..11]
+            texts.append(docs[i])
+            texts.append(_host(docs[i], lang, docs[4 + 2 * i: 6 + 2 * i]))
+            pairs.add((len(texts) - 2, len(texts) - 1))
+        texts += docs[12:]  # unrelated documents
+    kinds = detect_kinds(texts, None, ShingleConfig())
+    lo, hi = [a for a, _ in sorted(pairs)], [b for _, b in sorted(pairs)]
+    t_lo, t_hi = [texts[i] for i in lo], [texts[i] for i in hi]
+    cont = exact_containment(t_lo, kinds[lo], t_hi, kinds[hi], ShingleConfig(), seed=1)
+    np.testing.assert_allclose(cont, 1.0)  # every shingle of the excerpt is in its host
+    np.testing.assert_allclose(exact_containment(t_hi, kinds[hi], t_lo, kinds[lo], ShingleConfig(), seed=1), cont)
+    assert (exact_jaccard(t_lo, kinds[lo], t_hi, kinds[hi], ShingleConfig(), seed=1) < 0.45).all()
+
+    def linked(cfg):
+        a, b, _ = verified_edges(texts, NearDedupConfig.model_validate(cfg))
+        return set(zip(a.tolist(), b.tolist()))
+
+    assert linked({}) == set()  # the default: Jaccard >= 0.5
+    assert linked({"minhash": {"verify": "containment", "threshold": 0.8}}) == pairs
+    # The candidates, not only the check, must reach low Jaccard: centred at the
+    # Jaccard threshold, LSH would rarely even propose these pairs.
+    assert not linked({"minhash": {"verify": "containment", "threshold": 0.8, "candidate_threshold": 0.8}}) >= pairs
+
+
+def test_defaults_on_the_edit_labelled_set(shared_data):
+    """The defaults against the old ones (5-grams at 0.8) on real documents labelled
+    by their edits (bench/near_dedup_quality.py measures the full set)."""
+    docs = labelled.build_by_edit(shared_data, n_families=40, n_unrelated=40, copies=4, seed=5)
+    texts, langs = [d["text"] for d in docs], [d["lang"] for d in docs]
+
+    def metrics(cfg):
+        a, b, _ = verified_edges(texts, NearDedupConfig.model_validate(cfg), sources=langs)
+        lab = labelled.union_find_labels(len(docs), zip(a.tolist(), b.tolist()))
+        return labelled.edit_metrics(labelled.cluster_pairs({d["id"]: str(x) for d, x in zip(docs, lab)}), docs)
+
+    new = metrics({})
+    old = metrics({"shingles": {"char_ngram": 5, "word_ngram": 5}, "minhash": {"threshold": 0.8}})
+    for lang in ("zh", "en"):
+        assert new[lang]["positives"] > 60
+        assert new[lang]["f1"] >= 0.95 and new[lang]["precision"] >= 0.95, new[lang]
+        assert old[lang]["recall"] < 0.75 and new[lang]["f1"] > old[lang]["f1"] + 0.15
+
+
+def test_edits_keep_whitespace_and_labels_follow_the_edit(shared_data):
+    rng = random.Random(0)
+    text = "First line here.\n\nSecond  paragraph, with two spaces.\nThird line ends."
+    for op in ("substitute", "insert", "delete", "reorder"):
+        out = labelled.edit(text, "en", op, 0.2, "alpha beta gamma", rng)
+        assert out.count("\n") == text.count("\n") and out != text  # only words moved or changed
+    docs = labelled.build_by_edit(shared_data, n_families=30, n_unrelated=5, copies=4, seed=2)
+    for d in docs:
+        if d["edit"] in ("substitute", "insert", "delete"):
+            assert d["label"] == {0.02: "pos", 0.05: "pos", 0.1: "pos", 0.2: "gray", 0.3: "neg"}[d["rate"]]
+        elif d["edit"] == "embed":
+            orig = next(o for o in docs if o["id"] == d["family"] + "-0")
+            assert orig["text"] in d["text"] and len(d["text"]) >= 1.8 * len(orig["text"])
+    # metrics: (original, copy) pairs carry the label, copy-copy pairs count neither
+    # way, two families are a false link charged to the copy's edit
+    fam = [d for d in docs if d["family"] == docs[0]["family"]]
+    other = next(d for d in docs if d["family"] != docs[0]["family"])
+    pos = next(d for d in fam if d.get("label") == "pos")
+    m = labelled.edit_metrics({(fam[0]["id"], pos["id"]), (fam[1]["id"], fam[2]["id"]),
+                               (pos["id"], other["id"])}, docs)
+    scope = f"{pos['lang']}/{pos['edit']}"
+    assert (m["all"]["tp"], m["all"]["fp"]) == (1, 1) and m[scope]["fp"] == 1 and m[scope]["tp"] == 1
 
 
 def test_minhash_estimates_jaccard_and_is_batch_independent(real_docs):
