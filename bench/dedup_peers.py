@@ -8,8 +8,8 @@ with a distinct short prefix; one jsonl file. `--scale` takes a fraction of the
 originals (1.0 ~ 22 MB before copies, ~90 MB with 4 copies).
 
 Each tool runs in a child process (wall time and the peak RSS of its whole process
-tree, polled): `zerolm data near-dedup` on a local Ray with `--cpus` CPUs (default
-settings), a datasketch script (MinHash 128 + MinHashLSH(0.8) + union-find, one
+tree, polled): `zerolm data near-dedup` on a local Ray with `--cpus` CPUs (at the
+peers' 5-grams and threshold 0.8), a datasketch script (MinHash 128 + MinHashLSH(0.8) + union-find, one
 process), a rensa script (RMinHash + RMinHashLSH, one process), and datatrove's MinHash
 pipeline when it is installed (`pip install datatrove`; skipped otherwise). The peers
 shingle as zerolm's default does: character 5-grams for Chinese, word 5-grams for
@@ -17,6 +17,7 @@ other text. Prints one JSON line per run and a table with MB/s per CPU and the r
 to the datasketch script.
 
     python3 bench/dedup_peers.py [--scale 0.25] [--copies 4] [--cpus 1,2] [--tools zerolm,datasketch,rensa]
+                                 [--profile]   # + zerolm's CPU seconds per Ray Data operator
 """
 
 from __future__ import annotations
@@ -123,18 +124,32 @@ def child_rensa(path: str) -> int:
     return len(texts) - components(len(texts), pairs)
 
 
-def child_zerolm(path: str, cpus: int, out: str) -> int:
+def child_zerolm(path: str, cpus: int, out: str, profile: bool = False) -> int:
     import logging
+    import resource
 
     import ray
 
+    import ray_data_profile
     from dataproc.near_dedup.run import NearDedupRunConfig, run_near_dedup
 
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=False)
+    if profile:
+        ray_data_profile.enable()
     try:
-        cfg = NearDedupRunConfig.model_validate({"output": out, "read": {"inputs": [{"path": path}]}})
+        # The peers' settings (5-grams, Jaccard 0.8), not zerolm's defaults (3-grams at 0.5,
+        # chosen by bench/near_dedup_quality.py): the same work for every tool.
+        cfg = NearDedupRunConfig.model_validate({
+            "output": out, "read": {"inputs": [{"path": path}]},
+            "near_dedup": {"shingles": {"char_ngram": NGRAM, "word_ngram": NGRAM}, "minhash": {"threshold": THRESHOLD}}})
         stats = run_near_dedup(cfg, overwrite=True, echo=lambda *_: None)
+        if profile:
+            prof = ray_data_profile.collect()
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            prof["driver_cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
+            prof["near_dedup"] = stats.get("near_dedup")
+            print("PROFILE " + json.dumps(prof), flush=True)
         return stats["dropped"].get("near_duplicate", 0)
     finally:
         ray.shutdown()
@@ -164,10 +179,10 @@ def child_datatrove(path: str, cpus: int, out: str) -> int:
     return sum(sum(1 for _ in gzip.open(f, "rt")) for f in (o / "removed").glob("*.gz"))
 
 
-def child(tool: str, path: str, cpus: int, out: str) -> None:
+def child(tool: str, path: str, cpus: int, out: str, profile: bool = False) -> None:
     t0 = time.perf_counter()
     if tool == "zerolm":
-        removed = child_zerolm(path, cpus, out)
+        removed = child_zerolm(path, cpus, out, profile)
     elif tool == "datatrove":
         removed = child_datatrove(path, cpus, out)
     else:
@@ -176,9 +191,9 @@ def child(tool: str, path: str, cpus: int, out: str) -> None:
 
 
 # ------------------------------------------------------------------ parent
-def run_tool(tool: str, corpus: Path, cpus: int, work: Path) -> dict:
+def run_tool(tool: str, corpus: Path, cpus: int, work: Path, profile: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", tool, "--corpus", str(corpus), "--cpus", str(cpus),
-           "--out", str(work / f"{tool}-{cpus}")]
+           "--out", str(work / f"{tool}-{cpus}")] + (["--profile"] if profile else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     peak = 0
@@ -194,8 +209,12 @@ def run_tool(tool: str, corpus: Path, cpus: int, work: Path) -> dict:
     result = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not result:
         raise SystemExit(f"{tool} failed ({proc.returncode}):\n{err[-3000:]}")
-    return {"tool": tool, "cpus": cpus, "wall_s": round(wall, 1), **json.loads(result[-1][7:]),
-            "peak_rss_MB": round(peak / 1e6)}
+    row = {"tool": tool, "cpus": cpus, "wall_s": round(wall, 1), **json.loads(result[-1][7:]),
+           "peak_rss_MB": round(peak / 1e6)}
+    prof = [ln for ln in out.splitlines() if ln.startswith("PROFILE ")]
+    if prof:
+        row["profile"] = json.loads(prof[-1][8:])
+    return row
 
 
 def main() -> None:
@@ -205,12 +224,14 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--cpus", default="1,2", help="CPU counts for zerolm and datatrove (peers: 1)")
     ap.add_argument("--tools", default="zerolm,datatrove,datasketch,rensa")
+    ap.add_argument("--profile", action="store_true",
+                    help="zerolm: CPU seconds per Ray Data operator, blocks, spilled bytes (bench/ray_data_profile.py)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child, a.corpus, int(a.cpus), a.out)
+        child(a.child, a.corpus, int(a.cpus), a.out, a.profile)
         return
     with tempfile.TemporaryDirectory(prefix="dedup-peers-") as tmp:
         work = Path(tmp)
@@ -227,9 +248,15 @@ def main() -> None:
                 tools.remove("datatrove")
         for tool in tools:
             for cpus in ([int(c) for c in a.cpus.split(",")] if tool in ("zerolm", "datatrove") else [1]):
-                row = run_tool(tool, corpus, cpus, work)
+                row = run_tool(tool, corpus, cpus, work, a.profile)
                 row["MB_per_s_per_cpu"] = round(info["MB"] / row["wall_s"] / cpus, 3)
                 print(json.dumps(row), flush=True)
+                if "profile" in row:
+                    import ray_data_profile
+
+                    p = row["profile"]
+                    print(f"zerolm at {cpus} CPU(s): driver {p['driver_cpu_s']} CPU s, spilled "
+                          f"{p['spilled_bytes'] / 1e6:.1f} MB\n" + ray_data_profile.table(p["operators"]), flush=True)
                 rows.append(row)
         ref = next((r["MB_per_s_per_cpu"] for r in rows if r["tool"] == "datasketch"), None)
         print(f"\n{info['MB']} MB, {info['docs']:,} docs\n{'tool':<12}{'CPUs':>5}{'wall s':>9}{'MB/s/CPU':>10}"

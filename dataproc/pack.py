@@ -200,6 +200,17 @@ def finalize_shards(out_dir: Path, entries: list[dict]) -> dict:
     return splits
 
 
+def pack_blocks(files: list[str], block_bytes: int = 8 << 20) -> int:
+    """Blocks to tokenize the clean corpus in. Ray Data reads these parquet files into
+    as few blocks as fit its target block size (4 demo files came back as 1) and runs
+    the tokenizer on no more tasks than blocks ("the operator only received 1
+    input(s)"), so a corpus of more than `block_bytes` on disk is repartitioned into
+    blocks of about that size (order kept); a smaller one stays as read (1: no
+    repartition, no pile of tiny shards). The count depends on the data alone, not on
+    the cluster, so the shards are the same on a laptop and on a cluster."""
+    return max(1, sum(os.path.getsize(f) for f in files) // block_bytes)
+
+
 def _clean_files(clean_dir: Path) -> list[str]:
     files = sorted(str(p) for p in (clean_dir / "data").glob("*.parquet"))
     if not files:
@@ -268,6 +279,8 @@ def run_pack(cfg: PackConfig, *, overwrite: bool = False, echo=print) -> dict:
     ctx.execution_options.preserve_order = True  # identical shards on every run
     started = time.time()
     ds = ray.data.read_parquet(files, columns=["id", "text", "source"] + extra_columns(cfg.curriculum))
+    if (blocks := pack_blocks(files)) > 1:
+        ds = ds.repartition(blocks)
     forced_val = small_source_val_ids(files, {s: v["rows_out"] for s, v in source_stats.items()}, cfg)
     ds = apply_curriculum(ds, curriculum, cfg.val_fraction, forced_val)
     ds = ds.map_batches(

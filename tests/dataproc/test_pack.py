@@ -161,3 +161,28 @@ def test_documents_lost_or_duplicated_fail_the_stage(clean_corpus, tokenizer_dir
     with pytest.raises(RuntimeError, match=f"{source}: clean stats say"):
         pack(lying, tmp_path / "out2")
     assert not (tmp_path / "out2" / "_SUCCESS").exists()
+
+
+def test_a_corpus_cut_into_more_blocks_packs_the_same_tokens(tokens_dir, clean_corpus, tokenizer_dir, tmp_path,
+                                                             monkeypatch):
+    """A big clean file is read as several blocks (pack_blocks) so every worker gets to
+    tokenize: more shards per source, but in order they hold exactly the tokens of the
+    one-block pack, and the block count depends on the data's size alone."""
+    import dataproc.pack as pack
+
+    files = sorted(str(p) for p in (clean_corpus / "data").glob("*.parquet"))
+    size = sum(p.stat().st_size for p in (clean_corpus / "data").glob("*.parquet"))
+    assert pack.pack_blocks(files) == 1  # a small corpus: read as Ray reads it
+    assert pack.pack_blocks(files, block_bytes=size // 5) == 5
+    monkeypatch.setattr(pack, "pack_blocks", lambda files: 5)
+    cfg = PackConfig(input=str(clean_corpus), tokenizer=str(tokenizer_dir), output=str(tmp_path / "cut"),
+                     val_fraction=0.05)
+    cut = run_pack(cfg, echo=lambda *_: None)
+    one = json.loads((tokens_dir / "manifest.json").read_text(encoding="utf-8"))
+    assert max(len(e["shards"]) for e in cut["splits"]["train"].values()) > 1
+    for split in ("train", "val"):
+        assert set(cut["splits"][split]) == set(one["splits"][split])
+        for source, entry in one["splits"][split].items():
+            def stream(root, e):
+                return np.concatenate([np.fromfile(root / s["file"], dtype="<u2") for s in e["shards"]])
+            assert np.array_equal(stream(tmp_path / "cut", cut["splits"][split][source]), stream(tokens_dir, entry))
